@@ -1,0 +1,108 @@
+package machine
+
+import (
+	"math/bits"
+
+	"github.com/hpcvm/hpcvm/vmm/kvm"
+)
+
+// MSRs given fixed initial values on every vCPU (as a firmware would).
+const (
+	msrIA32MiscEnable = 0x1a0
+	msrMTRRDefType    = 0x2ff
+	msrIA32TSC        = 0x10
+)
+
+func (m *Machine) setupVCPU(c *kvm.VCPU, supported []kvm.CPUIDEntry) error {
+	if err := c.SetCPUID(cpuidFor(supported, c.ID(), m.cfg.CPUs)); err != nil {
+		return err
+	}
+	if err := c.SetMSRs([]kvm.MSREntry{
+		{Index: msrIA32MiscEnable, Data: 1},      // fast strings
+		{Index: msrMTRRDefType, Data: 1<<11 | 6}, // MTRRs on, default write-back
+	}); err != nil {
+		return err
+	}
+	fpu := kvm.FPU{FCW: 0x37f, MXCSR: 0x1f80}
+	if err := c.SetFPU(fpu); err != nil {
+		return err
+	}
+	if m.cfg.InKernelIRQChip {
+		l, err := c.GetLAPIC()
+		if err != nil {
+			return err
+		}
+		// LINT0 = ExtINT (the PIC), LINT1 = NMI, as firmware leaves them.
+		setLVT(&l, 0x350, 7)
+		setLVT(&l, 0x360, 4)
+		if err := c.SetLAPIC(l); err != nil {
+			return err
+		}
+	}
+	regs, err := c.GetRegs()
+	if err != nil {
+		return err
+	}
+	sregs, err := c.GetSregs()
+	if err != nil {
+		return err
+	}
+	start := m.cfg.Loader.SetupVCPU(c.ID(), m.cfg.CPUs, &regs, &sregs)
+	if !start {
+		return nil
+	}
+	if err := c.SetSregs(sregs); err != nil {
+		return err
+	}
+	if err := c.SetRegs(regs); err != nil {
+		return err
+	}
+	if c.ID() != 0 && m.cfg.InKernelIRQChip {
+		// KVM parks non-boot vCPUs waiting for SIPI; this one starts now.
+		return c.SetMPState(kvm.MPStateRunnable)
+	}
+	return nil
+}
+
+func setLVT(l *kvm.LAPICState, off int, mode uint32) {
+	v := uint32(l.Regs[off]) | uint32(l.Regs[off+1])<<8 | uint32(l.Regs[off+2])<<16 | uint32(l.Regs[off+3])<<24
+	v = v&^0x700 | mode<<8
+	l.Regs[off], l.Regs[off+1], l.Regs[off+2], l.Regs[off+3] = byte(v), byte(v>>8), byte(v>>16), byte(v>>24)
+}
+
+// cpuidFor adapts KVM's supported CPUID to vCPU id of n: APIC id, logical
+// processor counts and topology leaves, so the guest sees n single-thread
+// cores in one package.
+func cpuidFor(supported []kvm.CPUIDEntry, id, n int) []kvm.CPUIDEntry {
+	shift := uint32(bits.Len(uint(n - 1))) // APIC-id bits for the core level
+	out := make([]kvm.CPUIDEntry, 0, len(supported))
+	for _, e := range supported {
+		switch e.Function {
+		case 1:
+			e.EBX = e.EBX&0x0000FFFF | uint32(id)<<24 | uint32(n&0xff)<<16
+			e.ECX |= 1 << 31 // running under a hypervisor
+			if n > 1 {
+				e.EDX |= 1 << 28 // HTT: EBX[23:16] is valid
+			}
+		case 4: // Intel deterministic cache parameters: cores per package
+			if e.EAX&0x1f != 0 {
+				e.EAX = e.EAX&0x03FFFFFF | uint32(n-1)<<26
+				e.EAX &^= 0xFFF << 14 // one logical processor shares each cache level...
+			}
+		case 0xB, 0x1F: // extended topology
+			switch e.Index {
+			case 0: // SMT level: one thread per core
+				e.EAX, e.EBX, e.ECX = 0, 1, 1<<8
+			case 1: // core level
+				e.EAX, e.EBX, e.ECX = shift, uint32(n), 2<<8|1
+			default:
+				e.EAX, e.EBX, e.ECX = 0, 0, e.Index
+			}
+			e.EDX = uint32(id)
+		case 0x80000008: // AMD: number of cores - 1 and APIC-id core bits
+			e.ECX = e.ECX&^0xF0FF | uint32(n-1)&0xff | shift<<12
+		}
+		out = append(out, e)
+	}
+	return out
+}

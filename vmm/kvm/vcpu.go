@@ -254,19 +254,29 @@ func (c *VCPU) SetCPUID(entries []CPUIDEntry) error {
 	return nil
 }
 
-// GetMSRs reads the MSRs named by indices.
+// GetMSRs reads the MSRs named by indices. KVM stops at the first MSR it
+// cannot read; only the MSRs read are returned.
 func (c *VCPU) GetMSRs(indices []uint32) ([]MSREntry, error) {
+	if len(indices) == 0 {
+		return nil, nil
+	}
 	m := &gokvm.MSRS{NMSRs: uint32(len(indices))}
 	for _, i := range indices {
 		m.Entries = append(m.Entries, MSREntry{Index: i})
 	}
-	if len(indices) == 0 {
-		return nil, nil
+	data, err := m.Bytes()
+	if err != nil {
+		return nil, err
 	}
-	if err := gokvm.GetMSRs(c.fd(), m); err != nil {
+	n, err := gokvm.Ioctl(c.fd(), gokvm.IIOWR(0x88, 8), uintptrOf(data))
+	if err != nil {
 		return nil, fmt.Errorf("vcpu %d: KVM_GET_MSRS: %w", c.id, err)
 	}
-	return m.Entries, nil
+	got, err := gokvm.NewMSRS(data)
+	if err != nil {
+		return nil, err
+	}
+	return got.Entries[:n], nil
 }
 
 // SetMSRs writes MSRs. KVM stops at the first MSR it rejects; that is

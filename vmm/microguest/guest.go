@@ -97,9 +97,9 @@ func (p Program) SetupVCPU(id, ncpu int, regs *kvm.Regs, sregs *kvm.Sregs) bool 
 	sregs.GDT = kvm.Descriptor{Base: GDTAddr, Limit: 7*8 - 1}
 	sregs.IDT = kvm.Descriptor{Base: 0, Limit: 0}
 	sregs.CR3 = PML4Addr
-	sregs.CR4 = 1<<5 | 1<<9 | 1<<10 // PAE, OSFXSR, OSXMMEXCPT
+	sregs.CR4 = 1<<5 | 1<<9 | 1<<10                       // PAE, OSFXSR, OSXMMEXCPT
 	sregs.CR0 = 1<<0 | 1<<1 | 1<<4 | 1<<5 | 1<<16 | 1<<31 // PE MP ET NE WP PG
-	sregs.EFER = 1<<8 | 1<<10                              // LME LMA
+	sregs.EFER = 1<<8 | 1<<10                             // LME LMA
 	*regs = kvm.Regs{
 		RIP:    CodeAddr,
 		RSP:    uint64(StackTop - id*StackSize),

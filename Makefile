@@ -22,7 +22,7 @@ unit:
 -include mk/*.mk
 
 # test: both tiers.
-test: build unit e2e
+test: deps build unit e2e
 
 clean:
 	rm -rf $(BIN)

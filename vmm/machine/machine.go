@@ -84,6 +84,8 @@ type Machine struct {
 	exit    *Exit // first stop reason; non-nil once stopping
 	exitCh  chan struct{}
 	running bool
+
+	closers []interface{ Close() error } // irqfds and other per-VM resources
 }
 
 // New creates the VM, its RAM and vCPUs, and runs the loader.
@@ -171,6 +173,10 @@ func (m *Machine) CPUs() int { return len(m.vcpus) }
 
 // Close releases vCPUs, the VM and guest RAM. Run must have returned.
 func (m *Machine) Close() error {
+	for _, c := range m.closers {
+		c.Close()
+	}
+	m.closers = nil
 	for _, c := range m.vcpus {
 		c.Close()
 	}

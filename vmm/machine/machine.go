@@ -41,6 +41,14 @@ type Config struct {
 	InKernelIRQChip bool
 	Loader          Loader
 	Logger          *slog.Logger
+	// RAM, if set, is used as guest memory instead of fresh anonymous
+	// memory (its size must be MemBytes); the machine does not close it.
+	// Distributed slices pass RAM they registered with userfaultfd.
+	RAM *memory.RAM
+	// RunVCPUs lists the vCPU ids this machine runs; nil runs all CPUs.
+	// A slice of a distributed VM creates and runs only its own vCPUs,
+	// but every slice knows the VM has CPUs vCPUs (CPUID topology, ACPI).
+	RunVCPUs []int
 }
 
 // ExitKind says why a machine stopped.
@@ -86,6 +94,7 @@ type Machine struct {
 	running bool
 
 	closers []interface{ Close() error } // irqfds and other per-VM resources
+	ownRAM  bool
 }
 
 // New creates the VM, its RAM and vCPUs, and runs the loader.
@@ -133,8 +142,16 @@ func New(cfg Config) (*Machine, error) {
 			return nil, err
 		}
 	}
-	if m.ram, err = memory.NewRAM(cfg.MemBytes, layout.MMIOGapStart); err != nil {
-		return nil, err
+	if cfg.RAM != nil {
+		if cfg.RAM.Size() != cfg.MemBytes {
+			return nil, fmt.Errorf("machine: RAM is %d bytes, config says %d", cfg.RAM.Size(), cfg.MemBytes)
+		}
+		m.ram, m.ownRAM = cfg.RAM, false
+	} else {
+		if m.ram, err = memory.NewRAM(cfg.MemBytes, layout.MMIOGapStart); err != nil {
+			return nil, err
+		}
+		m.ownRAM = true
 	}
 	for i, r := range m.ram.Regions() {
 		if err := m.vm.SetMemoryRegion(uint32(i), 0, r.GPA, uint64(len(r.Host)), hostAddr(r.Host)); err != nil {
@@ -148,7 +165,16 @@ func New(cfg Config) (*Machine, error) {
 	if err := cfg.Loader.Load(m.ram, cfg.CPUs); err != nil {
 		return nil, err
 	}
-	for id := 0; id < cfg.CPUs; id++ {
+	ids := cfg.RunVCPUs
+	if ids == nil {
+		for id := 0; id < cfg.CPUs; id++ {
+			ids = append(ids, id)
+		}
+	}
+	for _, id := range ids {
+		if id < 0 || id >= cfg.CPUs {
+			return nil, fmt.Errorf("machine: vCPU %d out of range 0..%d", id, cfg.CPUs-1)
+		}
 		c, err := m.vm.CreateVCPU(id)
 		if err != nil {
 			return nil, err
@@ -168,7 +194,7 @@ func (m *Machine) RAM() *memory.RAM { return m.ram }
 // VM returns the KVM VM (for devices that use IRQ lines and eventfds).
 func (m *Machine) VM() *kvm.VM { return m.vm }
 
-// CPUs returns the vCPU count.
+// CPUs returns the number of vCPUs this machine runs.
 func (m *Machine) CPUs() int { return len(m.vcpus) }
 
 // Close releases vCPUs, the VM and guest RAM. Run must have returned.
@@ -189,10 +215,10 @@ func (m *Machine) Close() error {
 		m.sys.Close()
 		m.sys = nil
 	}
-	if m.ram != nil {
+	if m.ram != nil && m.ownRAM {
 		m.ram.Close()
-		m.ram = nil
 	}
+	m.ram = nil
 	return nil
 }
 

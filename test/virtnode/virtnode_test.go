@@ -1,0 +1,75 @@
+//go:build e2e
+
+package virtnode_test
+
+import (
+	"context"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hpcvm/hpcvm/test/virtnode"
+)
+
+func TestNodeRunsCommands(t *testing.T) {
+	c := virtnode.StartT(t, virtnode.Config{Nodes: 1})
+	n := c.Nodes[0]
+	t.Logf("node boot time (QEMU start to agent ready): %v", n.BootTime)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+
+	r, err := n.Run(ctx, "echo hello; echo oops >&2; exit 3")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Stdout != "hello\n" || r.Stderr != "oops\n" || r.ExitCode != 3 {
+		t.Fatalf("unexpected result: %s", r)
+	}
+
+	if got := n.MustRun(t, ctx, "hostname"); got != "n1" {
+		t.Errorf("hostname = %q, want n1", got)
+	}
+	// The node runs the pinned Debian kernel with real KVM (emulated SVM).
+	if got := n.MustRun(t, ctx, "uname -r"); got != "6.1.0-49-amd64" {
+		t.Errorf("uname -r = %q", got)
+	}
+	n.MustRun(t, ctx, "test -c /dev/kvm && grep -qw svm /proc/cpuinfo")
+	// Modules beyond the initramfs load from the bind-mounted modules dir.
+	n.MustRun(t, ctx, "modprobe tun && test -c /dev/net/tun")
+	// Host files are visible at the same path; node writes stay in the node.
+	n.MustRun(t, ctx, "test -x /usr/bin/qemu-system-x86_64 && echo x > /etc/vn-test && test -f /etc/vn-test")
+	n.MustRun(t, ctx, "! test -e /nonexistent-"+strings.Repeat("x", 8))
+}
+
+func TestRunCancelKillsCommand(t *testing.T) {
+	c := virtnode.StartT(t, virtnode.Config{Nodes: 1})
+	n := c.Nodes[0]
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	p, err := n.RunBackground("echo started; sleep 600; echo never")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for !strings.Contains(p.Stdout(), "started") {
+		if ctx.Err() != nil {
+			t.Fatalf("command did not start: %q", p.Stdout())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if p.Exited() {
+		t.Fatal("command exited early")
+	}
+	cctx, ccancel := context.WithCancel(ctx)
+	ccancel()
+	r, err := p.Wait(cctx)
+	if err != context.Canceled {
+		t.Fatalf("Wait after cancel: err = %v, want context.Canceled (%s)", err, r)
+	}
+	if r.ExitCode != 128+9 || strings.Contains(r.Stdout, "never") {
+		t.Errorf("unexpected result after cancel (want SIGKILL, exit 137): %s", r)
+	}
+	// The node still serves commands, and the process group is gone.
+	if got := n.MustRun(t, ctx, "pgrep -x sleep || echo none"); got != "none" {
+		t.Errorf("sleep still running after cancel: %q", got)
+	}
+}

@@ -73,3 +73,28 @@ func TestRunCancelKillsCommand(t *testing.T) {
 		t.Errorf("sleep still running after cancel: %q", got)
 	}
 }
+
+func TestClusterNetwork(t *testing.T) {
+	c := virtnode.StartT(t, virtnode.Config{Nodes: 2})
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	n1, n2 := c.Nodes[0], c.Nodes[1]
+	// busybox-static's ping: the host root (and so the node) may lack iputils.
+	n1.MustRun(t, ctx, "busybox ping -c 2 -W 10 "+n2.IP)
+	n2.MustRun(t, ctx, "busybox ping -c 2 -W 10 n1") // names from /etc/hosts
+	n1.MustRun(t, ctx, "busybox ping -c 1 -W 10 host")
+	r, err := c.HostRun(ctx, "busybox ping -c 1 -W 10 "+n2.IP)
+	if err != nil || r.ExitCode != 0 {
+		t.Fatalf("host -> n2 ping: %v %s", err, r)
+	}
+	// A TCP connection node to node: n2 listens, n1 sends a line.
+	srv, err := n2.RunBackground("busybox nc -l -p 7777")
+	if err != nil {
+		t.Fatal(err)
+	}
+	n1.MustRun(t, ctx, "for i in $(seq 50); do echo hello-from-n1 | busybox nc -w 5 "+n2.IP+" 7777 && exit 0; sleep 0.2; done; exit 1")
+	res, err := srv.Wait(ctx)
+	if err != nil || !strings.Contains(res.Stdout, "hello-from-n1") {
+		t.Fatalf("n2 did not receive the line: %v %s", err, res)
+	}
+}

@@ -104,7 +104,7 @@ func serve(ctl string) error {
 		return err
 	}
 	up, _ := os.ReadFile("/proc/uptime")
-	fmt.Printf("vn-agent: ready (uptime %s)\n", strings.Fields(string(up)+" ?")[0])
+	fmt.Printf("vn-agent: ready (uptime %s)\n", strings.Fields(string(up) + " ?")[0])
 
 	active := map[string]*running{}
 	delay := 5 * time.Millisecond

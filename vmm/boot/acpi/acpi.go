@@ -1,0 +1,256 @@
+// Package acpi builds the guest's ACPI tables: RSDP, RSDT/XSDT, a
+// hardware-reduced FADT, a DSDT with \_S5_ (so poweroff reaches the VMM
+// through the sleep control register) and a MADT listing the vCPUs and the
+// IOAPIC. The tables are written at layout.ACPITablesAddr, inside the BIOS
+// area Linux scans for the RSDP.
+package acpi
+
+import (
+	"encoding/binary"
+	"fmt"
+
+	"github.com/hpcvm/hpcvm/vmm/layout"
+	"github.com/hpcvm/hpcvm/vmm/memory"
+)
+
+// MaxCPUs is the largest vCPU count the MADT can describe: xAPIC ids
+// 0..254 in Local APIC entries (255 is the broadcast id; more would need
+// x2APIC entries).
+const MaxCPUs = 255
+
+// Legacy says which legacy PC devices the VMM emulates; the FADT's
+// IAPC_BOOT_ARCH flags tell Linux not to probe the absent ones.
+type Legacy struct {
+	I8042   bool // keyboard controller at ports 0x60/0x64
+	CMOSRTC bool // MC146818 RTC at ports 0x70/0x71
+}
+
+// Config describes the machine the tables advertise.
+type Config struct {
+	CPUs   int
+	Legacy Legacy
+}
+
+// Table signatures and identification.
+const (
+	oemID      = "HPCVM "
+	oemTableID = "HPCVMACP"
+	creatorID  = "HPCV"
+	headerSize = 36
+	rsdpSize   = 36
+	fadtSize   = 276 // ACPI 6.x FADT
+)
+
+// Build lays the tables out for placement at base and returns them as one
+// blob whose first 36 bytes are the RSDP.
+func Build(cfg Config, base uint64) ([]byte, error) {
+	if cfg.CPUs < 1 || cfg.CPUs > MaxCPUs {
+		return nil, fmt.Errorf("ACPI: %d vCPUs; the MADT supports 1..%d", cfg.CPUs, MaxCPUs)
+	}
+	if base%16 != 0 || base+layout.ACPITablesSize > 1<<32 {
+		return nil, fmt.Errorf("ACPI tables base %#x is not 16-byte aligned below 4 GiB", base)
+	}
+	dsdt := dsdt()
+	madt := madt(cfg.CPUs)
+	// Layout: RSDP, then each table 16-byte aligned.
+	var blob []byte
+	place := func(b []byte) uint64 {
+		for len(blob)%16 != 0 {
+			blob = append(blob, 0)
+		}
+		addr := base + uint64(len(blob))
+		blob = append(blob, b...)
+		return addr
+	}
+	blob = make([]byte, rsdpSize)
+	dsdtAddr := place(dsdt)
+	fadtAddr := place(fadt(cfg.Legacy, dsdtAddr))
+	madtAddr := place(madt)
+	tables := []uint64{fadtAddr, madtAddr}
+	xsdtAddr := place(xsdt(tables))
+	rsdtAddr := place(rsdt(tables))
+	copy(blob, rsdp(rsdtAddr, xsdtAddr))
+	if len(blob) > layout.ACPITablesSize {
+		return nil, fmt.Errorf("ACPI tables take %d bytes, more than the %d reserved", len(blob), layout.ACPITablesSize)
+	}
+	return blob, nil
+}
+
+// Write builds the tables and writes them to mem at layout.ACPITablesAddr;
+// it returns the RSDP's address (the same).
+func Write(mem memory.Guest, cfg Config) (uint64, error) {
+	blob, err := Build(cfg, layout.ACPITablesAddr)
+	if err != nil {
+		return 0, err
+	}
+	if _, err := mem.WriteAt(blob, layout.ACPITablesAddr); err != nil {
+		return 0, fmt.Errorf("writing ACPI tables at %#x: %w", layout.ACPITablesAddr, err)
+	}
+	return layout.ACPITablesAddr, nil
+}
+
+// Checksum is the byte that makes b sum to zero.
+func Checksum(b []byte) uint8 {
+	var s uint8
+	for _, c := range b {
+		s += c
+	}
+	return -s
+}
+
+// rsdp is the revision 2 Root System Description Pointer.
+func rsdp(rsdtAddr, xsdtAddr uint64) []byte {
+	b := make([]byte, rsdpSize)
+	copy(b, "RSD PTR ")
+	copy(b[9:], oemID)
+	b[15] = 2 // revision: ACPI 2.0+, has XSDT
+	binary.LittleEndian.PutUint32(b[16:], uint32(rsdtAddr))
+	binary.LittleEndian.PutUint32(b[20:], rsdpSize)
+	binary.LittleEndian.PutUint64(b[24:], xsdtAddr)
+	b[8] = Checksum(b[:20])
+	b[32] = Checksum(b)
+	return b
+}
+
+// table prepends a system description header to body and checksums it.
+func table(sig string, rev uint8, body []byte) []byte {
+	b := make([]byte, headerSize+len(body))
+	copy(b, sig)
+	binary.LittleEndian.PutUint32(b[4:], uint32(len(b)))
+	b[8] = rev
+	copy(b[10:], oemID)
+	copy(b[16:], oemTableID)
+	binary.LittleEndian.PutUint32(b[24:], 1) // OEM revision
+	copy(b[28:], creatorID)
+	binary.LittleEndian.PutUint32(b[32:], 1) // creator revision
+	copy(b[headerSize:], body)
+	b[9] = Checksum(b)
+	return b
+}
+
+func xsdt(tables []uint64) []byte {
+	body := make([]byte, 8*len(tables))
+	for i, t := range tables {
+		binary.LittleEndian.PutUint64(body[8*i:], t)
+	}
+	return table("XSDT", 1, body)
+}
+
+func rsdt(tables []uint64) []byte {
+	body := make([]byte, 4*len(tables))
+	for i, t := range tables {
+		binary.LittleEndian.PutUint32(body[4*i:], uint32(t))
+	}
+	return table("RSDT", 1, body)
+}
+
+// Generic Address Structure address space ids and access sizes.
+const (
+	gasSystemIO  = 1
+	gasByteAcces = 1
+)
+
+// gas encodes a Generic Address Structure for a byte-wide I/O port.
+func gas(b []byte, port uint16) {
+	b[0] = gasSystemIO
+	b[1] = 8 // register bit width
+	b[2] = 0 // bit offset
+	b[3] = gasByteAcces
+	binary.LittleEndian.PutUint64(b[4:], uint64(port))
+}
+
+// FADT offsets (ACPI 6.5, table 5.9) and flags.
+const (
+	fadtDSDT          = 40
+	fadtSCIInt        = 46
+	fadtIAPCBootArch  = 109
+	fadtFlags         = 112
+	fadtResetReg      = 116
+	fadtResetValue    = 128
+	fadtMinorVersion  = 131
+	fadtXDSDT         = 140
+	fadtSleepControl  = 244
+	fadtSleepStatus   = 256
+	fadtHypervisorID  = 268
+	fadtRevision      = 6
+	fadtMinorRevision = 5
+
+	bootArch8042     = 1 << 1
+	bootArchNoVGA    = 1 << 2
+	bootArchNoCMOS   = 1 << 5
+	flagResetRegSup  = 1 << 10
+	flagHWReducedACP = 1 << 20
+)
+
+// fadt is a hardware-reduced FADT: no PM1/GPE blocks, no FACS; sleep and
+// reset go through the extended sleep control/status and reset registers,
+// all I/O ports the VMM traps.
+func fadt(legacy Legacy, dsdtAddr uint64) []byte {
+	b := make([]byte, fadtSize)
+	binary.LittleEndian.PutUint32(b[fadtDSDT:], uint32(dsdtAddr))
+	binary.LittleEndian.PutUint16(b[fadtSCIInt:], layout.ACPISCIIRQ)
+	arch := uint16(bootArchNoVGA)
+	if legacy.I8042 {
+		arch |= bootArch8042
+	}
+	if !legacy.CMOSRTC {
+		arch |= bootArchNoCMOS
+	}
+	binary.LittleEndian.PutUint16(b[fadtIAPCBootArch:], arch)
+	binary.LittleEndian.PutUint32(b[fadtFlags:], flagHWReducedACP|flagResetRegSup)
+	gas(b[fadtResetReg:], layout.ACPIResetPort)
+	b[fadtResetValue] = layout.ACPIResetValue
+	b[fadtMinorVersion] = fadtMinorRevision
+	binary.LittleEndian.PutUint64(b[fadtXDSDT:], dsdtAddr)
+	gas(b[fadtSleepControl:], layout.ACPISleepControlPort)
+	gas(b[fadtSleepStatus:], layout.ACPISleepStatusPort)
+	copy(b[fadtHypervisorID:], "HPCVM")
+	return table("FACP", fadtRevision, b[headerSize:])
+}
+
+// MADT structure types and flags.
+const (
+	madtLocalAPIC      = 0
+	madtIOAPIC         = 1
+	madtIntOverride    = 2
+	madtLocalAPICNMI   = 4
+	madtPCATCompat     = 1 << 0
+	madtLAPICEnabled   = 1 << 0
+	madtRevision       = 5
+	ioapicID           = 0
+	mpsActiveHighLevel = 0x1 | 0x3<<2 // polarity 01, trigger mode 11
+	lint1              = 1
+	allProcessors      = 0xff
+)
+
+// madt lists one enabled Local APIC per vCPU (APIC ids 0..cpus-1, as KVM
+// assigns them by vCPU index), the IOAPIC with GSI base 0, and overrides.
+//
+// ISA IRQs need no override for the timer: KVM's default GSI routing
+// (kvm_setup_default_irq_routing) sends GSI n to IOAPIC pin n and the
+// in-kernel PIT raises GSI 0, so IRQ0 is on pin 0, exactly what Linux
+// assumes without an override. (QEMU's IRQ0->GSI2 override matches the
+// routing QEMU itself installs, not KVM's default.) The one override is
+// for the SCI, which ACPI defines as level-triggered: it states the
+// polarity the VMM drives (active high) instead of the ACPI default (low).
+func madt(cpus int) []byte {
+	b := make([]byte, 8, 8+8*cpus+12+10+6)
+	binary.LittleEndian.PutUint32(b[0:], layout.LAPICAddr)
+	binary.LittleEndian.PutUint32(b[4:], madtPCATCompat) // KVM's irqchip includes the 8259 pair
+	for i := range cpus {
+		e := []byte{madtLocalAPIC, 8, uint8(i), uint8(i), 0, 0, 0, 0}
+		binary.LittleEndian.PutUint32(e[4:], madtLAPICEnabled)
+		b = append(b, e...)
+	}
+	io := []byte{madtIOAPIC, 12, ioapicID, 0, 0, 0, 0, 0, 0, 0, 0, 0}
+	binary.LittleEndian.PutUint32(io[4:], layout.IOAPICAddr)
+	binary.LittleEndian.PutUint32(io[8:], 0) // GSI base
+	b = append(b, io...)
+	sci := []byte{madtIntOverride, 10, 0, layout.ACPISCIIRQ, 0, 0, 0, 0, 0, 0}
+	binary.LittleEndian.PutUint32(sci[4:], layout.ACPISCIIRQ)
+	binary.LittleEndian.PutUint16(sci[8:], mpsActiveHighLevel)
+	b = append(b, sci...)
+	// LINT1 of every local APIC is the NMI input, as on PC hardware.
+	b = append(b, madtLocalAPICNMI, 6, allProcessors, 0, 0, lint1)
+	return table("APIC", madtRevision, b)
+}

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"debug/elf"
 	"encoding/binary"
+	"os"
 	"strings"
 	"testing"
 
@@ -218,4 +219,32 @@ func TestFindPVHNote64BitDescriptor(t *testing.T) {
 	if err != nil || !ok || e != 0x1000000 {
 		t.Errorf("findPVHNote = %#x, %v, %v; want 0x1000000", e, ok, err)
 	}
+}
+
+// TestRealPVH loads a real vmlinux with a PVH note when HPCVM_TEST_VMLINUX
+// names one (e.g. the node kernel the e2e tests build).
+func TestRealPVH(t *testing.T) {
+	path := os.Getenv("HPCVM_TEST_VMLINUX")
+	if path == "" {
+		t.Skip("no real vmlinux: set HPCVM_TEST_VMLINUX to an ELF kernel built with CONFIG_PVH=y")
+	}
+	img, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	k, err := parsePVH(img)
+	if err != nil {
+		t.Fatalf("%s: %v", path, err)
+	}
+	t.Logf("%s: PVH entry %#x, %d PT_LOAD segments", path, k.Entry, len(k.Segments))
+	const ram = 256 << 20
+	mem := testmem.New(ram)
+	e, err := Load(mem, Config{Kernel: img, Initrd: []byte("cpio"), Cmdline: "console=ttyS0", RAM: RAMRegions(ram), CPUs: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e.Kernel.End() > e.Initrd.Start {
+		t.Errorf("initrd %+v overlaps kernel %+v", e.Initrd, e.Kernel)
+	}
+	checkRegisters(t, mem, e)
 }

@@ -259,13 +259,23 @@ func buildAgent(ctx context.Context, dir string) (string, error) {
 		return p, nil
 	}
 	out := filepath.Join(dir, "vn-agent")
-	cmd := exec.CommandContext(ctx, "go", "build", "-o", out, ".")
-	cmd.Dir = agentSource()
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if b, err := cmd.CombinedOutput(); err != nil {
-		return "", fmt.Errorf("virtnode: building the node agent: %v\n%s", err, b)
+	if err := GoBuild(ctx, agentSource(), out); err != nil {
+		return "", fmt.Errorf("virtnode: building the node agent: %w", err)
 	}
 	return out, nil
+}
+
+// GoBuild builds the main package in srcDir into a static binary at out
+// (for helpers that run inside nodes; the node sees out through its host
+// root).
+func GoBuild(ctx context.Context, srcDir, out string) error {
+	cmd := exec.CommandContext(ctx, "go", "build", "-o", out, ".")
+	cmd.Dir = srcDir
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("go build in %s: %v\n%s", srcDir, err, b)
+	}
+	return nil
 }
 
 // startNetwork creates the cluster's network namespace (held by a sleeping

@@ -78,6 +78,9 @@ func parseBzImage(img []byte) (*bzImage, error) {
 		return nil, fmt.Errorf("not a bzImage (no %q magic at %#x)", bzMagic, hdrMagicOff)
 	}
 	le := binary.LittleEndian
+	if len(img) < hdrVersion+2 {
+		return nil, fmt.Errorf("bzImage truncated: %d bytes, shorter than its boot protocol version field", len(img))
+	}
 	if f := le.Uint16(img[hdrBootFlag:]); f != bzBootFlag {
 		return nil, fmt.Errorf("bzImage boot_flag is %#04x, want %#04x", f, bzBootFlag)
 	}

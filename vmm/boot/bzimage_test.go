@@ -39,7 +39,11 @@ func defaultBzOpts() bzOpts {
 // byte pattern.
 func makeBzImage(o bzOpts) []byte {
 	le := binary.LittleEndian
-	setup := (int(o.setupSects) + 1) * 512
+	sects := int(o.setupSects)
+	if sects == 0 {
+		sects = defaultSects
+	}
+	setup := (sects + 1) * 512
 	img := make([]byte, setup+o.kernelSize)
 	img[hdrStart] = o.setupSects
 	le.PutUint16(img[hdrBootFlag:], bzBootFlag)

@@ -1,0 +1,15 @@
+# Guest artifacts booted by the VMM and the e2e tests (see docs/guest.md).
+# Outputs live in $(HPCVM_CACHE)/guest, keyed by hashes of their inputs.
+GUEST_OUT := $(HPCVM_CACHE)/guest
+
+.PHONY: guest guest-kernel guest-initramfs guest-cloud-kernel guest-selftest
+
+guest: guest-kernel guest-initramfs guest-cloud-kernel
+
+# Minimal kernel: $(GUEST_OUT)/bzImage and $(GUEST_OUT)/vmlinux (PVH ELF).
+guest-kernel:
+	guest/kernel/build.sh
+
+# Test initramfs: busybox + hpcvm-testguest + /init.
+guest-initramfs:
+	guest/initramfs/build.sh $(GUEST_OUT)/test-initramfs.cpio.gz

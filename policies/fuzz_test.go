@@ -1,7 +1,9 @@
 package policies
 
 import (
+	"encoding/json"
 	"strings"
+	"time"
 	"testing"
 )
 
@@ -28,6 +30,15 @@ func FuzzCompile(f *testing.F) {
 		if p == nil {
 			return
 		}
-		_, _ = p.Admit(Request{User: "alice", Groups: []string{"users"}, Partition: "a", Image: "rocky9", Nodes: 2, CPUs: 8, MemPerNode: 1 << 30})
+		x := p.Explain(Request{User: "alice", Groups: []string{"users"}, Partition: "a", Image: "rocky9", Nodes: 2, CPUs: 8, MemPerNode: 1 << 30,
+			CheckpointInterval: OptDuration{Set: true, Value: Duration(time.Hour)}, Migration: WishNo})
+		for _, err := range x.Refusals {
+			if !strings.HasPrefix(err.Error(), "hpcvm: ") {
+				t.Fatalf("refusal not addressed to the user: %v", err)
+			}
+		}
+		if _, err := json.Marshal(x.Effective); err != nil {
+			t.Fatalf("effective settings do not marshal: %v", err)
+		}
 	})
 }

@@ -184,6 +184,14 @@ func New(cfg Config) (*Machine, error) {
 			return nil, err
 		}
 	}
+	// Write every vCPU's TSC back to back: KVM treats TSC writes close in
+	// time as one synchronized TSC, so the guest does not see unsynchronized
+	// TSCs (which makes Linux mark the TSC unstable).
+	for _, c := range m.vcpus {
+		if err := c.SetMSRs([]kvm.MSREntry{{Index: msrIA32TSC, Data: 0}}); err != nil {
+			return nil, err
+		}
+	}
 	ok = true
 	return m, nil
 }

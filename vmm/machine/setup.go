@@ -104,5 +104,49 @@ func cpuidFor(supported []kvm.CPUIDEntry, id, n int) []kvm.CPUIDEntry {
 		}
 		out = append(out, e)
 	}
+	return fixXSave(out)
+}
+
+// fixXSave keeps CPUID leaf 0xD consistent with the feature bits: a host
+// (such as QEMU TCG) may report AVX state in leaf 0xD while leaf 1 lacks
+// AVX, and Linux then warns "XSAVE consistency problem" and may size its
+// buffers wrongly. State components whose feature is absent are dropped
+// and the area sizes recomputed from the remaining components.
+func fixXSave(entries []kvm.CPUIDEntry) []kvm.CPUIDEntry {
+	var leaf1ECX uint32
+	for _, e := range entries {
+		if e.Function == 1 {
+			leaf1ECX = e.ECX
+		}
+	}
+	const avx = 1 << 28
+	if leaf1ECX&avx != 0 {
+		return entries
+	}
+	drop := uint32(1 << 2) // AVX (YMM upper halves)
+	out := entries[:0]
+	var d0 *kvm.CPUIDEntry
+	for _, e := range entries {
+		if e.Function == 0xD && e.Index >= 2 && e.Index < 32 && drop&(1<<e.Index) != 0 {
+			continue
+		}
+		out = append(out, e)
+	}
+	for i := range out {
+		if out[i].Function == 0xD && out[i].Index == 0 {
+			d0 = &out[i]
+		}
+	}
+	if d0 == nil || d0.EAX&drop == 0 {
+		return out
+	}
+	d0.EAX &^= drop
+	size := uint32(576) // legacy area + XSAVE header
+	for _, e := range out {
+		if e.Function == 0xD && e.Index >= 2 && e.Index < 32 && d0.EAX&(1<<e.Index) != 0 {
+			size = max(size, e.EBX+e.EAX) // offset + size
+		}
+	}
+	d0.EBX, d0.ECX = size, size
 	return out
 }

@@ -13,3 +13,7 @@ guest-kernel:
 # Test initramfs: busybox + hpcvm-testguest + /init.
 guest-initramfs:
 	guest/initramfs/build.sh $(GUEST_OUT)/test-initramfs.cpio.gz
+
+# Debian's cloud kernel (pinned) + initramfs with its virtio/vsock modules.
+guest-cloud-kernel:
+	guest/cloud/build.sh

@@ -1,8 +1,13 @@
 package linuxvm
 
 import (
+	"fmt"
+	"os"
+
 	"github.com/hpcvm/hpcvm/vmm/devices/acpipm"
 	"github.com/hpcvm/hpcvm/vmm/devices/i8042"
+	"github.com/hpcvm/hpcvm/vmm/devices/virtio"
+	"github.com/hpcvm/hpcvm/vmm/devices/virtio/vsock"
 	"github.com/hpcvm/hpcvm/vmm/layout"
 	"github.com/hpcvm/hpcvm/vmm/machine"
 )
@@ -26,5 +31,26 @@ func attachPlatform(m *machine.Machine, d *devices, cfg *Config) error {
 	return attachVsock(m, d, cfg)
 }
 
-// attachVsock is filled in when the vsock device lands.
-func attachVsock(m *machine.Machine, d *devices, cfg *Config) error { return nil }
+// attachVsock adds the virtio-vsock device with its hybrid Unix-socket
+// backend. It is the virtio device after the disks (see Run's cmdline).
+func attachVsock(m *machine.Machine, d *devices, cfg *Config) error {
+	if cfg.VsockPath == "" {
+		return nil
+	}
+	if st, err := os.Lstat(cfg.VsockPath); err == nil && st.Mode()&os.ModeSocket != 0 {
+		os.Remove(cfg.VsockPath) // stale socket of an earlier run (Validate checked it is a socket)
+	}
+	dev, err := vsock.New(vsock.Config{Path: cfg.VsockPath, GuestCID: uint64(cfg.VsockCID), Log: cfg.Logger})
+	if err != nil {
+		return fmt.Errorf("--vsock %s: %w", cfg.VsockPath, err)
+	}
+	idx := len(cfg.Disks)
+	irq, err := m.IRQ(layout.VirtioIRQ(idx))
+	if err != nil {
+		dev.Close()
+		return err
+	}
+	t := virtio.NewMMIO(dev, m.RAM(), irq, cfg.Logger)
+	d.closers = append(d.closers, t)
+	return m.MMIO.Register("virtio-vsock", layout.VirtioMMIOAddr(idx), layout.VirtioMMIOSize, t)
+}

@@ -84,7 +84,7 @@ type Effective struct {
 type CheckpointSettings struct {
 	Interval       Duration // periodic checkpoints; 0: none
 	BeforeWalltime Duration // checkpoint this long before the walltime; 0: no
-	// Dir is where checkpoints go, with %u, %a, %p expanded, and %j too
+	// Dir is where checkpoints go, with %u, %a, %p expanded ("_" if empty), and %j too
 	// when the request had a job id (otherwise %j and %% are left for the
 	// launcher).
 	Dir     string
@@ -567,8 +567,9 @@ func (a *admission) ckptOpts() string {
 	return strings.Join(s, " ")
 }
 
-// expandDir fills in the checkpoint directory's escapes. Without a job id,
-// %j and %% are left for the launcher to expand.
+// expandDir fills in the checkpoint directory's escapes; an empty account
+// or partition becomes "_". Without a job id, %j and %% are left for the
+// launcher to expand.
 func expandDir(dir string, req *Request) string {
 	if !strings.Contains(dir, "%") {
 		return dir
@@ -582,11 +583,11 @@ func expandDir(dir string, req *Request) string {
 		i++
 		switch dir[i] {
 		case 'u':
-			b.WriteString(req.User)
+			b.WriteString(orUnderscore(req.User))
 		case 'a':
-			b.WriteString(req.Account)
+			b.WriteString(orUnderscore(req.Account))
 		case 'p':
-			b.WriteString(req.Partition)
+			b.WriteString(orUnderscore(req.Partition))
 		case 'j', '%':
 			switch {
 			case req.JobID == "":
@@ -601,6 +602,15 @@ func expandDir(dir string, req *Request) string {
 		}
 	}
 	return b.String()
+}
+
+// orUnderscore keeps a missing account or partition from collapsing two
+// directory levels into one ("/ckpt//bob").
+func orUnderscore(s string) string {
+	if s == "" {
+		return "_"
+	}
+	return s
 }
 
 func (a *admission) migration() {

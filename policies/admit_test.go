@@ -334,6 +334,9 @@ func TestEffectiveJSONRoundTrip(t *testing.T) {
 
 func TestExpandDir(t *testing.T) {
 	req := &Request{User: "u", Account: "a", Partition: "p"}
+	if got := expandDir("/c/%a/%u", &Request{User: "u"}); got != "/c/_/u" {
+		t.Errorf("missing account expands to %q, want /c/_/u", got)
+	}
 	tests := []struct{ dir, job, want string }{
 		{"/c/%u/%a/%p/%j", "", "/c/u/a/p/%j"},
 		{"/c/%u/%j", "12", "/c/u/12"},

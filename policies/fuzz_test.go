@@ -3,8 +3,8 @@ package policies
 import (
 	"encoding/json"
 	"strings"
-	"time"
 	"testing"
+	"time"
 )
 
 // FuzzCompile feeds arbitrary files to the loader. It must never panic, every

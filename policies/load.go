@@ -102,19 +102,19 @@ func ReadFiles(paths ...string) ([]File, error) {
 	for _, p := range paths {
 		st, err := os.Stat(p)
 		if err != nil {
-			return nil, fmt.Errorf("policy %w", err)
+			return nil, fmt.Errorf("reading policy: %w", err)
 		}
 		if !st.IsDir() {
 			data, err := os.ReadFile(p)
 			if err != nil {
-				return nil, fmt.Errorf("policy %w", err)
+				return nil, fmt.Errorf("reading policy: %w", err)
 			}
 			files = append(files, File{Name: p, Data: data})
 			continue
 		}
 		ents, err := os.ReadDir(p) // sorted by name
 		if err != nil {
-			return nil, fmt.Errorf("policy directory %w", err)
+			return nil, fmt.Errorf("reading policy directory: %w", err)
 		}
 		n := 0
 		for _, e := range ents {
@@ -124,7 +124,7 @@ func ReadFiles(paths ...string) ([]File, error) {
 			name := filepath.Join(p, e.Name())
 			data, err := os.ReadFile(name)
 			if err != nil {
-				return nil, fmt.Errorf("policy %w", err)
+				return nil, fmt.Errorf("reading policy: %w", err)
 			}
 			files = append(files, File{Name: name, Data: data})
 			n++

@@ -61,7 +61,7 @@ func TestPolicyCLI(t *testing.T) {
 		{name: "admit flags", args: []string{"admit", "--policy-dir", good, "--user", "bob", "--image", "rocky9", "--mem", "16G"}, code: 0,
 			stdout: []string{"hpcvm: admitted: image rocky9", "16GiB per node", "checkpoint every 1h"}},
 		{name: "admit refused", args: []string{"admit", "--policy-dir", good, "--user", "bob", "--partition", "gpu", "--image", "rocky9", "--mem", "64GiB"}, code: 1,
-			stderr: []string{`hpcvm: request refused by rule "gpu-partition" (` + filepath.Join(good, "10-site.toml") + `:9): --vm-mem=64GiB exceeds limits.max_mem_per_node = 32GiB`},
+			stderr:   []string{`hpcvm: request refused by rule "gpu-partition" (` + filepath.Join(good, "10-site.toml") + `:9): --vm-mem=64GiB exceeds limits.max_mem_per_node = 32GiB`},
 			noStdout: true},
 		{name: "admit json stdin", args: []string{"admit", "--policy-dir", good, "--json"},
 			stdin: `{"user":"bob","image":"rocky9","job_id":"7","checkpoint_interval":"20m"}`, code: 0,

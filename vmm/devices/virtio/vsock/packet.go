@@ -92,7 +92,7 @@ func (h *Header) Encode(b []byte) {
 }
 
 // MaxConnectLine bounds the hybrid handshake line, newline included.
-const MaxConnectLine = len("CONNECT 4294967295\n")
+const MaxConnectLine = len("CONNECT 4294967295\r\n")
 
 // ParseConnect parses the hybrid-vsock handshake line "CONNECT <port>\n"
 // that a host client sends on the device's Unix socket. The port is a

@@ -162,7 +162,7 @@ func (e *ConflictError) Error() string {
 // or an error joining one *RefusedError, *RequestError or *ConflictError
 // per problem (use errors.As); each message is fit to show the user.
 func (p *Policy) Admit(req Request) (*Effective, error) {
-	x := p.Explain(req)
+	x := p.decide(req, false)
 	if err := x.Err(); err != nil {
 		return nil, err
 	}
@@ -171,13 +171,40 @@ func (p *Policy) Admit(req Request) (*Effective, error) {
 
 // matching lists the rules that apply to req, highest precedence first.
 func (p *Policy) matching(req *Request) []*rule {
+	cand := slices.Clone(p.index.scan)
+	for d := range nDims {
+		switch d {
+		case dimGroup:
+			for _, g := range req.Groups {
+				cand = append(cand, p.index.byValue[d][g]...)
+			}
+		default:
+			cand = append(cand, p.index.byValue[d][requestValue(req, d)]...)
+		}
+	}
+	slices.Sort(cand)
+	cand = slices.Compact(cand) // a rule listing two of the user's groups
 	var m []*rule
-	for _, r := range p.rules {
-		if r.matches(req) {
+	for _, rank := range cand {
+		if r := p.rules[rank]; r.matches(req) {
 			m = append(m, r)
 		}
 	}
 	return m
+}
+
+func requestValue(req *Request, d dim) string {
+	switch d {
+	case dimPartition:
+		return req.Partition
+	case dimAccount:
+		return req.Account
+	case dimQOS:
+		return req.QOS
+	case dimUser:
+		return req.User
+	}
+	return ""
 }
 
 func (r *rule) matches(req *Request) bool {
@@ -195,17 +222,7 @@ func (r *rule) matches(req *Request) bool {
 // anyMatch: a job with no value for a key (no account, say) matches no
 // pattern, not even "*".
 func anyMatch(pats []glob, req *Request, d dim) bool {
-	var v string
-	switch d {
-	case dimPartition:
-		v = req.Partition
-	case dimAccount:
-		v = req.Account
-	case dimQOS:
-		v = req.QOS
-	case dimUser:
-		v = req.User
-	case dimGroup:
+	if d == dimGroup {
 		for _, g := range req.Groups {
 			if g != "" && slices.ContainsFunc(pats, func(p glob) bool { return p.match(g) }) {
 				return true
@@ -213,6 +230,7 @@ func anyMatch(pats []glob, req *Request, d dim) bool {
 		}
 		return false
 	}
+	v := requestValue(req, d)
 	return v != "" && slices.ContainsFunc(pats, func(p glob) bool { return p.match(v) })
 }
 
@@ -245,19 +263,25 @@ func overrideGrant(m []*rule, setting string, isSet func(*bodyDoc) bool) (bool, 
 // Explain merges a request with the policy like Admit, and also reports
 // the rules that matched and the limits checked. The Effective settings are
 // filled in as far as possible even when the request is refused.
-func (p *Policy) Explain(req Request) *Explanation {
+func (p *Policy) Explain(req Request) *Explanation { return p.decide(req, true) }
+
+// decide is Admit and Explain; detail fills in Matched and Limits, which
+// only people read.
+func (p *Policy) decide(req Request, detail bool) *Explanation {
 	e := &Effective{JobID: req.JobID, User: req.User, Account: req.Account, Partition: req.Partition,
-		QOS: req.QOS, Image: req.Image, Provenance: map[string]Origin{}}
+		QOS: req.QOS, Image: req.Image, Provenance: make(map[string]Origin, 24)}
 	x := &Explanation{Effective: e}
 	if err := req.Validate(); err != nil {
 		x.Refusals = append(x.Refusals, err)
 		return x
 	}
 	m := p.matching(&req)
-	for _, r := range m {
-		x.Matched = append(x.Matched, r.origin(0))
+	if detail {
+		for _, r := range m {
+			x.Matched = append(x.Matched, r.origin(0))
+		}
 	}
-	a := &admission{x: x, e: e, m: m, req: &req}
+	a := &admission{x: x, e: e, m: m, req: &req, detail: detail}
 	a.image()
 	a.size()
 	a.checkpoint()
@@ -268,10 +292,11 @@ func (p *Policy) Explain(req Request) *Explanation {
 
 // admission is the state of one Explain call.
 type admission struct {
-	x   *Explanation
-	e   *Effective
-	m   []*rule
-	req *Request
+	x      *Explanation
+	e      *Effective
+	m      []*rule
+	req    *Request
+	detail bool
 }
 
 func (a *admission) refuse(by Origin, setting, format string, args ...any) {
@@ -283,6 +308,9 @@ func (a *admission) conflict(setting string, x, y Origin, format string, args ..
 }
 
 func (a *admission) limit(setting string, v any, o Origin) {
+	if !a.detail {
+		return
+	}
 	a.x.Limits = append(a.x.Limits, Limit{Setting: setting, Value: fmt.Sprint(v), Origin: o})
 }
 

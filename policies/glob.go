@@ -2,7 +2,6 @@ package policies
 
 import (
 	"fmt"
-	"strings"
 	"unicode"
 	"unicode/utf8"
 )
@@ -13,7 +12,14 @@ import (
 // account and partition names never contain '*' or '?'.
 type glob string
 
-func (g glob) literal() bool { return !strings.ContainsAny(string(g), "*?") }
+func (g glob) literal() bool {
+	for i := 0; i < len(g); i++ {
+		if g[i] == '*' || g[i] == '?' {
+			return false
+		}
+	}
+	return true
+}
 
 // validGlob refuses empty patterns and ones with spaces or control
 // characters, which are typos in every name hpcvm matches.
@@ -33,7 +39,7 @@ func validGlob(s string) error {
 // backtracking-on-last-star algorithm, linear in practice.
 func (g glob) match(name string) bool {
 	p := string(g)
-	if !strings.ContainsAny(p, "*?") {
+	if g.literal() {
 		return p == name
 	}
 	pi, ni := 0, 0

@@ -6,6 +6,7 @@ import (
 	"maps"
 	"os"
 	"path/filepath"
+	"reflect"
 	"regexp"
 	"slices"
 	"sort"
@@ -170,7 +171,8 @@ func Parse(files ...File) (*Policy, error) {
 // Compile checks policy files and returns every problem found, errors and
 // warnings, in file order. The policy is nil if there is any error.
 func Compile(files ...File) (*Policy, []*Problem) {
-	c := &compiler{names: map[string]*rule{}}
+	c := &compiler{names: map[string]*rule{}, known: schemaKeys(),
+		bodyLeaves: leafIndexes(reflect.TypeFor[bodyDoc]()), siteLeaves: leafIndexes(reflect.TypeFor[siteDoc]())}
 	for i, f := range files {
 		c.file(i, f)
 	}
@@ -195,7 +197,7 @@ func Compile(files ...File) (*Policy, []*Problem) {
 		}
 		return a.pos > b.pos
 	})
-	p := &Policy{rules: rules}
+	p := &Policy{rules: rules, index: indexRules(rules)}
 	for _, f := range files {
 		p.files = append(p.files, f.Name)
 	}
@@ -212,7 +214,44 @@ func Compile(files ...File) (*Policy, []*Problem) {
 type Policy struct {
 	files    []string
 	rules    []*rule // highest precedence first
+	index    ruleIndex
 	warnings []*Problem
+}
+
+// ruleIndex finds candidate rules without trying all of them: a rule whose
+// matcher on some key lists only literal names is filed under those names;
+// the rest are always tried. Entries are positions in Policy.rules, so
+// sorting candidates restores precedence order.
+type ruleIndex struct {
+	byValue [nDims]map[string][]int32
+	scan    []int32
+}
+
+// indexOrder prefers the keys that split jobs most finely.
+var indexOrder = [...]dim{dimUser, dimAccount, dimGroup, dimPartition, dimQOS}
+
+func indexRules(rules []*rule) ruleIndex {
+	var ix ruleIndex
+	for d := range nDims {
+		ix.byValue[d] = map[string][]int32{}
+	}
+next:
+	for rank, r := range rules {
+		for _, d := range indexOrder {
+			if !r.hasMatch[d] {
+				continue
+			}
+			if !slices.ContainsFunc(r.match[d], func(g glob) bool { return !g.literal() }) {
+				// An empty list files the rule nowhere: it never matches.
+				for _, g := range r.match[d] {
+					ix.byValue[d][string(g)] = append(ix.byValue[d][string(g)], int32(rank))
+				}
+				continue next
+			}
+		}
+		ix.scan = append(ix.scan, int32(rank))
+	}
+	return ix
 }
 
 // Files lists the policy's files in precedence order (last wins).
@@ -270,10 +309,13 @@ func (r *rule) global() bool {
 var overridable = []string{"checkpoint.interval", "checkpoint.before_walltime", "migration.enabled"}
 
 type compiler struct {
-	problems []*Problem
-	rules    []*rule
-	names    map[string]*rule
-	site     []siteInfo
+	known      map[string]bool // every key of the schema
+	bodyLeaves []leafIndex
+	siteLeaves []leafIndex
+	problems   []*Problem
+	rules      []*rule
+	names      map[string]*rule
+	site       []siteInfo
 }
 
 type siteInfo struct {
@@ -314,7 +356,7 @@ func (c *compiler) file(ix int, f File) {
 	c.unknownKeys(f.Name, md, lines, ruleName)
 
 	if doc.Site.Partitions.set || doc.Site.QOS.set {
-		for _, l := range leaves(&doc.Site) {
+		for _, l := range leaves(&doc.Site, c.siteLeaves) {
 			l.opt.line = lines["site."+l.key]
 			c.convErr(f.Name, "", "site."+l.key, l.opt)
 		}
@@ -329,9 +371,7 @@ func (c *compiler) file(ix int, f File) {
 		rd := &doc.Rules[i]
 		path := "rule." + strconv.Itoa(i)
 		r := &rule{file: f.Name, fileIx: ix, pos: i, line: lines[path], body: &rd.bodyDoc, name: ruleName(i)}
-		for _, l := range leaves(rd) {
-			l.opt.line = lines[path+"."+l.key]
-		}
+		rd.Name.line = lines[path+".name"]
 		c.convErr(f.Name, r.name, "name", &rd.Name.optBase)
 		switch {
 		case !rd.Name.set:
@@ -361,7 +401,7 @@ func (c *compiler) file(ix int, f File) {
 // decoder accepts "Max_Nodes" for "max_nodes" but an admin would not expect
 // that to work elsewhere.
 func (c *compiler) unknownKeys(file string, md toml.MetaData, lines map[string]int, ruleName func(int) string) {
-	known := schemaKeys()
+	known := c.known
 	undecoded := map[string]bool{}
 	for _, k := range md.Undecoded() {
 		undecoded[k.String()] = true
@@ -520,9 +560,11 @@ var (
 // body converts and checks the settings of one rule or [defaults].
 func (c *compiler) body(r *rule, path string, lines map[string]int) {
 	b := r.body
-	for _, l := range leaves(b) {
-		l.opt.line = lines[path+"."+l.key]
-		c.convErr(r.file, r.name, l.key, l.opt)
+	for _, l := range leaves(b, c.bodyLeaves) {
+		if l.opt.set {
+			l.opt.line = lines[path+"."+l.key]
+			c.convErr(r.file, r.name, l.key, l.opt)
+		}
 	}
 	bad := func(o *optBase, key, format string, args ...any) {
 		c.add(&Problem{File: r.file, Line: o.line, Rule: r.name, Key: key, Msg: fmt.Sprintf(format, args...)})

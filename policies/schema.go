@@ -3,6 +3,7 @@ package policies
 import (
 	"fmt"
 	"reflect"
+	"slices"
 	"strings"
 )
 
@@ -247,38 +248,53 @@ type fieldRef struct {
 	opt *optBase
 }
 
-// leaves lists every opt under v (a pointer to a doc struct) with its
-// dotted key relative to v.
-func leaves(v any) []fieldRef {
-	var out []fieldRef
-	walkLeaves(reflect.ValueOf(v).Elem(), "", &out)
-	return out
+// leafIndex locates one opt inside a doc struct type.
+type leafIndex struct {
+	key   string
+	index []int
 }
 
 var optFieldType = reflect.TypeFor[optField]()
 
-func walkLeaves(v reflect.Value, prefix string, out *[]fieldRef) {
-	t := v.Type()
-	for i := range t.NumField() {
-		f := t.Field(i)
-		fv := v.Field(i)
-		if f.Anonymous {
-			walkLeaves(fv, prefix, out)
-			continue
-		}
-		name, _, _ := strings.Cut(f.Tag.Get("toml"), ",")
-		if name == "" {
-			continue
-		}
-		key := join(prefix, name)
-		if fv.Addr().Type().Implements(optFieldType) {
-			*out = append(*out, fieldRef{key: key, opt: fv.Addr().Interface().(optField).base()})
-			continue
-		}
-		if fv.Kind() == reflect.Struct {
-			walkLeaves(fv, key, out)
+// leafIndexes lists the opts of a doc struct type with their dotted keys.
+// Computing this once per type and then indexing keeps reflection out of
+// the per-rule path.
+func leafIndexes(t reflect.Type) []leafIndex {
+	var out []leafIndex
+	var walk func(t reflect.Type, prefix string, index []int)
+	walk = func(t reflect.Type, prefix string, index []int) {
+		for i := range t.NumField() {
+			f := t.Field(i)
+			idx := append(slices.Clone(index), i)
+			if f.Anonymous {
+				walk(f.Type, prefix, idx)
+				continue
+			}
+			name, _, _ := strings.Cut(f.Tag.Get("toml"), ",")
+			if name == "" {
+				continue
+			}
+			key := join(prefix, name)
+			switch {
+			case reflect.PointerTo(f.Type).Implements(optFieldType):
+				out = append(out, leafIndex{key: key, index: idx})
+			case f.Type.Kind() == reflect.Struct:
+				walk(f.Type, key, idx)
+			}
 		}
 	}
+	walk(t, "", nil)
+	return out
+}
+
+// leaves lists the opts of the struct v points to.
+func leaves(v any, idx []leafIndex) []fieldRef {
+	rv := reflect.ValueOf(v).Elem()
+	out := make([]fieldRef, len(idx))
+	for i, l := range idx {
+		out[i] = fieldRef{key: l.key, opt: rv.FieldByIndex(l.index).Addr().Interface().(optField).base()}
+	}
+	return out
 }
 
 // schemaKeys lists every key path a policy file may contain, without

@@ -3,6 +3,7 @@ package policies
 import (
 	"fmt"
 	"math/rand/v2"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -129,4 +130,30 @@ func BenchmarkAdmit10000(b *testing.B) {
 		}
 	}
 	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*len(reqs)), "ns/admit")
+}
+
+// TestIndexAgreesWithScan checks that the rule index finds exactly the rules
+// that trying every rule in precedence order finds.
+func TestIndexAgreesWithScan(t *testing.T) {
+	p, err := Parse(genPolicy(1000, 10)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	reqs := genRequests(2000)
+	reqs = append(reqs, Request{User: "u1", Groups: []string{"g1", "g2", "g1"}}, Request{})
+	for _, req := range reqs {
+		var want []string
+		for _, r := range p.rules {
+			if r.matches(&req) {
+				want = append(want, r.name)
+			}
+		}
+		var got []string
+		for _, r := range p.matching(&req) {
+			got = append(got, r.name)
+		}
+		if !slices.Equal(got, want) {
+			t.Fatalf("request %+v: index found %v, scan %v", req, got, want)
+		}
+	}
 }

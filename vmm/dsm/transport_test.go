@@ -1,0 +1,244 @@
+package dsm
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"log/slog"
+	"net"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+type recHandler struct {
+	mu     sync.Mutex
+	msgs   []Msg
+	from   []int
+	failed chan error
+}
+
+func newRecHandler() *recHandler { return &recHandler{failed: make(chan error, 1)} }
+
+func (h *recHandler) Deliver(from int, m *Msg) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	c := *m
+	c.Data = append([]byte(nil), m.Data...)
+	h.msgs = append(h.msgs, c)
+	h.from = append(h.from, from)
+}
+
+func (h *recHandler) PeerFailed(peer int, err error) { h.failed <- err }
+
+func (h *recHandler) count() int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return len(h.msgs)
+}
+
+var testSecret = []byte("0123456789abcdef-test-secret")
+
+// loopbackListeners opens n listeners on 127.0.0.1 with kernel-chosen ports.
+func loopbackListeners(t testing.TB, n int) ([]net.Listener, []string) {
+	t.Helper()
+	var lns []net.Listener
+	var addrs []string
+	for i := 0; i < n; i++ {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		lns = append(lns, ln)
+		addrs = append(addrs, ln.Addr().String())
+	}
+	return lns, addrs
+}
+
+// logBuffer is a concurrency-safe log sink for asserting on log output.
+type logBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *logBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *logBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+func mesh(t *testing.T, n int, secrets [][]byte, logs []*logBuffer) ([]*Transport, []error) {
+	t.Helper()
+	lns, addrs := loopbackListeners(t, n)
+	trs := make([]*Transport, n)
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	for i := 0; i < n; i++ {
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			lg := slog.New(slog.NewTextHandler(logs[i], nil))
+			trs[i], errs[i] = NewTransport(context.Background(), TransportConfig{ID: i, Addrs: addrs, Listener: lns[i],
+				VMID: "vm-test", Secret: secrets[i], Logger: lg, ConnectTimeout: 2 * time.Second,
+				Heartbeat: 50 * time.Millisecond, PeerTimeout: time.Second})
+		}(i)
+	}
+	wg.Wait()
+	t.Cleanup(func() {
+		for _, tr := range trs {
+			if tr != nil {
+				tr.Close()
+			}
+		}
+	})
+	return trs, errs
+}
+
+func logs(n int) []*logBuffer {
+	l := make([]*logBuffer, n)
+	for i := range l {
+		l[i] = &logBuffer{}
+	}
+	return l
+}
+
+func TestMeshDeliversInOrder(t *testing.T) {
+	const n, count = 3, 200
+	trs, errs := mesh(t, n, [][]byte{testSecret, testSecret, testSecret}, logs(n))
+	for i, err := range errs {
+		if err != nil {
+			t.Fatalf("slice %d: %v", i, err)
+		}
+	}
+	hs := make([]*recHandler, n)
+	for i, tr := range trs {
+		hs[i] = newRecHandler()
+		tr.Start(hs[i])
+	}
+	for i, tr := range trs {
+		for j := 0; j < n; j++ {
+			for k := 0; k < count; k++ {
+				if err := tr.Send(j, &Msg{Type: MsgReadReq, ReqID: uint64(k), Page: uint64(i)}); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for j := 0; j < n; j++ {
+		for hs[j].count() < n*count && time.Now().Before(deadline) {
+			time.Sleep(10 * time.Millisecond)
+		}
+		hs[j].mu.Lock()
+		next := make([]uint64, n)
+		for k, m := range hs[j].msgs {
+			from := hs[j].from[k]
+			if m.Page != uint64(from) || m.ReqID != next[from] {
+				t.Fatalf("slice %d got page %d id %d from %d, want page %d id %d", j, m.Page, m.ReqID, from, from, next[from])
+			}
+			next[from]++
+		}
+		hs[j].mu.Unlock()
+		for i := 0; i < n; i++ {
+			if next[i] != count {
+				t.Fatalf("slice %d got %d messages from %d, want %d", j, next[i], i, count)
+			}
+		}
+	}
+}
+
+// TestWrongSecretRefused: a slice with the wrong secret cannot join, and a
+// hand-made client without the secret is refused, logged, and never gets
+// a page message delivered or answered.
+func TestWrongSecretRefused(t *testing.T) {
+	lg := logs(2)
+	_, errs := mesh(t, 2, [][]byte{testSecret, []byte("wrong-secret-wrong-secret")}, lg)
+	if errs[1] == nil || !errors.Is(errs[1], ErrAuth) {
+		t.Fatalf("slice 1 with the wrong secret: err %v, want ErrAuth", errs[1])
+	}
+	if errs[0] == nil {
+		t.Fatal("slice 0 formed a mesh with an unauthenticated slice")
+	}
+
+	// A real slice 0 waiting for slice 1, and an intruder posing as slice 1.
+	lns, addrs := loopbackListeners(t, 2)
+	logBuf := &logBuffer{}
+	h := newRecHandler()
+	trc := make(chan *Transport, 1)
+	go func() {
+		tr, _ := NewTransport(context.Background(), TransportConfig{ID: 0, Addrs: addrs, Listener: lns[0], VMID: "vm-test",
+			Secret: testSecret, Logger: slog.New(slog.NewTextHandler(logBuf, nil)), ConnectTimeout: 2 * time.Second})
+		trc <- tr
+	}()
+	c, err := net.Dial("tcp", addrs[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	fr := NewFrameReader(c)
+	hello := Msg{Type: MsgHello, From: 1, To: 0, VMID: "vm-test"}
+	if err := writeMsg(c, &hello); err != nil {
+		t.Fatal(err)
+	}
+	ch, err := fr.Read()
+	if err != nil || ch.Type != MsgChallenge {
+		t.Fatalf("expected a challenge, got %v (%v)", ch.Type, err)
+	}
+	if err := writeMsg(c, &Msg{Type: MsgProof}); err != nil { // no secret: a zero MAC
+		t.Fatal(err)
+	}
+	// The intruder then tries to request a page anyway.
+	writeMsg(c, &Msg{Type: MsgReadReq, Page: 0x100})
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	m, err := fr.Read()
+	if err != nil || m.Type != MsgError || m.Code != CodeAuth {
+		t.Fatalf("intruder got %v code %d (%v), want an auth error", m.Type, m.Code, err)
+	}
+	if m2, err := fr.Read(); err == nil {
+		t.Fatalf("intruder received %v after being refused", m2.Type)
+	}
+	tr := <-trc
+	if tr != nil {
+		tr.Start(h)
+		tr.Close()
+	}
+	if h.count() != 0 {
+		t.Fatalf("refused peer's messages were delivered: %d", h.count())
+	}
+	if !strings.Contains(logBuf.String(), "dsm connection refused") || !strings.Contains(logBuf.String(), "authentication failed") {
+		t.Fatalf("refusal not logged; log:\n%s", logBuf.String())
+	}
+}
+
+func TestPeerDeathDetected(t *testing.T) {
+	const n = 3
+	trs, errs := mesh(t, n, [][]byte{testSecret, testSecret, testSecret}, logs(n))
+	for i, err := range errs {
+		if err != nil {
+			t.Fatalf("slice %d: %v", i, err)
+		}
+	}
+	hs := make([]*recHandler, n)
+	for i, tr := range trs {
+		hs[i] = newRecHandler()
+		tr.Start(hs[i])
+	}
+	trs[2].Close()
+	for i := 0; i < 2; i++ {
+		select {
+		case err := <-hs[i].failed:
+			if !strings.Contains(err.Error(), "slice 2") {
+				t.Fatalf("slice %d failure does not name slice 2: %v", i, err)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("slice %d did not notice slice 2's death within 5s", i)
+		}
+	}
+}

@@ -1,0 +1,297 @@
+package dsm
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"unicode/utf8"
+)
+
+// Wire format (docs/dsm.md): every frame is a 20-byte header followed by
+// Length payload bytes. All integers are big-endian.
+//
+//	magic   uint32  "HVMD"
+//	version uint8   1
+//	type    uint8   MsgType
+//	flags   uint16  reserved, must be 0
+//	length  uint32  payload bytes (<= MaxPayload)
+//	reqID   uint64  request id; replies carry the request's id
+const (
+	Magic       = 0x48564D44 // "HVMD"
+	Version     = 1
+	HeaderSize  = 20
+	MaxPayload  = pagePayloadSize + PageSize
+	PageSize    = 4096
+	NonceSize   = 32
+	MACSize     = 32
+	MaxVMIDLen  = 128
+	MaxErrorLen = 1024
+
+	pagePayloadSize = 9 // page number + flags
+)
+
+// MsgType identifies a frame.
+type MsgType uint8
+
+// Message types. Handshake messages may only appear before Welcome; all
+// others only after.
+const (
+	MsgHello       MsgType = 1  // dialer: slice ids, VM id, nonce
+	MsgChallenge   MsgType = 2  // acceptor: nonce, HMAC proof
+	MsgProof       MsgType = 3  // dialer: HMAC proof
+	MsgWelcome     MsgType = 4  // acceptor: authenticated
+	MsgError       MsgType = 5  // code + text; the sender closes the connection
+	MsgHeartbeat   MsgType = 6  // liveness, sent periodically
+	MsgReadReq     MsgType = 16 // requester -> home: want a shared copy
+	MsgWriteReq    MsgType = 17 // requester -> home: want exclusive ownership
+	MsgFetch       MsgType = 18 // home -> holder (forwarded request): downgrade to shared, send a copy
+	MsgFetchReply  MsgType = 19 // holder -> home: page data
+	MsgInvalidate  MsgType = 20 // home -> holder: drop your copy (send it if WantData)
+	MsgInvAck      MsgType = 21 // holder -> home: dropped (with data if asked)
+	MsgGrant       MsgType = 22 // home -> requester: access granted (with data if needed)
+	MsgDone        MsgType = 32 // slice -> slice 0: my vCPUs finished
+	MsgShutdown    MsgType = 33 // slice 0 -> all: stop the VM
+	MsgShutdownAck MsgType = 34 // slice -> slice 0: stopping, will not need pages
+)
+
+var typeNames = map[MsgType]string{
+	MsgHello: "hello", MsgChallenge: "challenge", MsgProof: "proof", MsgWelcome: "welcome",
+	MsgError: "error", MsgHeartbeat: "heartbeat", MsgReadReq: "read-req", MsgWriteReq: "write-req",
+	MsgFetch: "fetch", MsgFetchReply: "fetch-reply", MsgInvalidate: "invalidate", MsgInvAck: "inv-ack",
+	MsgGrant: "grant", MsgDone: "done", MsgShutdown: "shutdown", MsgShutdownAck: "shutdown-ack",
+}
+
+func (t MsgType) String() string {
+	if s, ok := typeNames[t]; ok {
+		return s
+	}
+	return fmt.Sprintf("type-%d", uint8(t))
+}
+
+// PageFlags qualify page messages.
+type PageFlags uint8
+
+const (
+	FlagExclusive PageFlags = 1 << 0 // Grant: writable ownership (else shared)
+	FlagData      PageFlags = 1 << 1 // PageSize bytes of page data follow
+	FlagZero      PageFlags = 1 << 2 // the page's content is all zeros (no bytes follow)
+	FlagWantData  PageFlags = 1 << 3 // Invalidate: reply with the content
+
+	knownPageFlags = FlagExclusive | FlagData | FlagZero | FlagWantData
+)
+
+// HasContent reports whether the message carries page content (bytes or
+// the zero marker).
+func (f PageFlags) HasContent() bool { return f&(FlagData|FlagZero) != 0 }
+
+// Msg is a decoded frame. Which fields are meaningful depends on Type.
+type Msg struct {
+	Type  MsgType
+	ReqID uint64
+
+	// Page messages (ReadReq..Grant).
+	Page  uint64 // guest page frame number (guest-physical address / PageSize)
+	Flags PageFlags
+	Data  []byte // PageSize bytes when Flags has FlagData
+
+	// Hello / Challenge / Proof.
+	From, To uint16
+	VMID     string
+	Nonce    [NonceSize]byte
+	MAC      [MACSize]byte
+
+	// Error, Shutdown.
+	Code uint16
+	Text string
+}
+
+func isPageMsg(t MsgType) bool { return t >= MsgReadReq && t <= MsgGrant }
+
+// AppendFrame appends m's encoding to b.
+func AppendFrame(b []byte, m *Msg) ([]byte, error) {
+	start := len(b)
+	b = binary.BigEndian.AppendUint32(b, Magic)
+	b = append(b, Version, byte(m.Type), 0, 0)
+	b = binary.BigEndian.AppendUint32(b, 0) // length, patched below
+	b = binary.BigEndian.AppendUint64(b, m.ReqID)
+	switch {
+	case isPageMsg(m.Type):
+		if m.Flags&^knownPageFlags != 0 || m.Flags&FlagData != 0 && m.Flags&FlagZero != 0 {
+			return nil, fmt.Errorf("dsm: %v with invalid flags %#x", m.Type, m.Flags)
+		}
+		b = binary.BigEndian.AppendUint64(b, m.Page)
+		b = append(b, byte(m.Flags))
+		if m.Flags&FlagData != 0 {
+			if len(m.Data) != PageSize {
+				return nil, fmt.Errorf("dsm: %v carries %d data bytes, want %d", m.Type, len(m.Data), PageSize)
+			}
+			b = append(b, m.Data...)
+		}
+	case m.Type == MsgHello:
+		if len(m.VMID) == 0 || len(m.VMID) > MaxVMIDLen {
+			return nil, fmt.Errorf("dsm: VM id of %d bytes (want 1..%d)", len(m.VMID), MaxVMIDLen)
+		}
+		b = binary.BigEndian.AppendUint16(b, m.From)
+		b = binary.BigEndian.AppendUint16(b, m.To)
+		b = append(b, m.Nonce[:]...)
+		b = append(b, byte(len(m.VMID)))
+		b = append(b, m.VMID...)
+	case m.Type == MsgChallenge:
+		b = append(b, m.Nonce[:]...)
+		b = append(b, m.MAC[:]...)
+	case m.Type == MsgProof:
+		b = append(b, m.MAC[:]...)
+	case m.Type == MsgError || m.Type == MsgShutdown:
+		text := m.Text
+		if len(text) > MaxErrorLen {
+			text = text[:MaxErrorLen]
+		}
+		b = binary.BigEndian.AppendUint16(b, m.Code)
+		b = binary.BigEndian.AppendUint16(b, uint16(len(text)))
+		b = append(b, text...)
+	case m.Type == MsgWelcome || m.Type == MsgHeartbeat || m.Type == MsgDone || m.Type == MsgShutdownAck:
+	default:
+		return nil, fmt.Errorf("dsm: cannot encode message type %v", m.Type)
+	}
+	binary.BigEndian.PutUint32(b[start+8:], uint32(len(b)-start-HeaderSize))
+	return b, nil
+}
+
+// ErrProtocol wraps every decoding failure.
+var ErrProtocol = errors.New("dsm: protocol error")
+
+func protoErr(format string, args ...any) error {
+	return fmt.Errorf("%w: "+format, append([]any{ErrProtocol}, args...)...)
+}
+
+// parseHeader validates a frame header and returns its type, payload
+// length and request id.
+func parseHeader(h []byte) (MsgType, int, uint64, error) {
+	if len(h) < HeaderSize {
+		return 0, 0, 0, protoErr("short header (%d bytes)", len(h))
+	}
+	if m := binary.BigEndian.Uint32(h); m != Magic {
+		return 0, 0, 0, protoErr("bad magic %#x", m)
+	}
+	if h[4] != Version {
+		return 0, 0, 0, protoErr("unsupported version %d (want %d)", h[4], Version)
+	}
+	if f := binary.BigEndian.Uint16(h[6:]); f != 0 {
+		return 0, 0, 0, protoErr("reserved header flags %#x set", f)
+	}
+	n := binary.BigEndian.Uint32(h[8:])
+	if n > MaxPayload {
+		return 0, 0, 0, protoErr("payload of %d bytes exceeds %d", n, MaxPayload)
+	}
+	return MsgType(h[5]), int(n), binary.BigEndian.Uint64(h[12:]), nil
+}
+
+// DecodeFrame decodes exactly one frame occupying all of b.
+func DecodeFrame(b []byte) (Msg, error) {
+	t, n, id, err := parseHeader(b)
+	if err != nil {
+		return Msg{}, err
+	}
+	if len(b) != HeaderSize+n {
+		return Msg{}, protoErr("frame is %d bytes, header says %d", len(b), HeaderSize+n)
+	}
+	return decodePayload(t, id, b[HeaderSize:])
+}
+
+func decodePayload(t MsgType, id uint64, p []byte) (Msg, error) {
+	m := Msg{Type: t, ReqID: id}
+	switch {
+	case isPageMsg(t):
+		if len(p) < pagePayloadSize {
+			return Msg{}, protoErr("%v payload of %d bytes", t, len(p))
+		}
+		m.Page = binary.BigEndian.Uint64(p)
+		m.Flags = PageFlags(p[8])
+		if m.Flags&^knownPageFlags != 0 {
+			return Msg{}, protoErr("%v with unknown flags %#x", t, m.Flags)
+		}
+		want := pagePayloadSize
+		if m.Flags&FlagData != 0 {
+			if m.Flags&FlagZero != 0 {
+				return Msg{}, protoErr("%v with both data and zero flags", t)
+			}
+			want += PageSize
+			m.Data = p[pagePayloadSize:]
+		}
+		if len(p) != want {
+			return Msg{}, protoErr("%v payload of %d bytes, want %d", t, len(p), want)
+		}
+	case t == MsgHello:
+		if len(p) < 4+NonceSize+1 {
+			return Msg{}, protoErr("hello payload of %d bytes", len(p))
+		}
+		m.From = binary.BigEndian.Uint16(p)
+		m.To = binary.BigEndian.Uint16(p[2:])
+		copy(m.Nonce[:], p[4:])
+		l := int(p[4+NonceSize])
+		rest := p[5+NonceSize:]
+		if l == 0 || l > MaxVMIDLen || len(rest) != l {
+			return Msg{}, protoErr("hello with VM id length %d and %d bytes left", l, len(rest))
+		}
+		m.VMID = string(rest)
+	case t == MsgChallenge:
+		if len(p) != NonceSize+MACSize {
+			return Msg{}, protoErr("challenge payload of %d bytes", len(p))
+		}
+		copy(m.Nonce[:], p)
+		copy(m.MAC[:], p[NonceSize:])
+	case t == MsgProof:
+		if len(p) != MACSize {
+			return Msg{}, protoErr("proof payload of %d bytes", len(p))
+		}
+		copy(m.MAC[:], p)
+	case t == MsgError || t == MsgShutdown:
+		if len(p) < 4 {
+			return Msg{}, protoErr("%v payload of %d bytes", t, len(p))
+		}
+		m.Code = binary.BigEndian.Uint16(p)
+		l := int(binary.BigEndian.Uint16(p[2:]))
+		if l > MaxErrorLen || len(p) != 4+l {
+			return Msg{}, protoErr("%v text length %d with %d bytes left", t, l, len(p)-4)
+		}
+		if !utf8.Valid(p[4:]) {
+			return Msg{}, protoErr("%v text is not UTF-8", t)
+		}
+		m.Text = string(p[4:])
+	case t == MsgWelcome || t == MsgHeartbeat || t == MsgDone || t == MsgShutdownAck:
+		if len(p) != 0 {
+			return Msg{}, protoErr("%v with %d payload bytes", t, len(p))
+		}
+	default:
+		return Msg{}, protoErr("unknown message type %d", uint8(t))
+	}
+	return m, nil
+}
+
+// FrameReader reads frames from a stream, reusing one buffer: a returned
+// Msg's Data is valid only until the next Read.
+type FrameReader struct {
+	r   io.Reader
+	buf []byte
+}
+
+// NewFrameReader reads frames from r.
+func NewFrameReader(r io.Reader) *FrameReader {
+	return &FrameReader{r: r, buf: make([]byte, HeaderSize+MaxPayload)}
+}
+
+// Read reads and decodes the next frame.
+func (fr *FrameReader) Read() (Msg, error) {
+	if _, err := io.ReadFull(fr.r, fr.buf[:HeaderSize]); err != nil {
+		return Msg{}, err
+	}
+	t, n, id, err := parseHeader(fr.buf)
+	if err != nil {
+		return Msg{}, err
+	}
+	if _, err := io.ReadFull(fr.r, fr.buf[HeaderSize:HeaderSize+n]); err != nil {
+		return Msg{}, fmt.Errorf("dsm: reading %d-byte %v payload: %w", n, t, err)
+	}
+	return decodePayload(t, id, fr.buf[HeaderSize:HeaderSize+n])
+}

@@ -1,0 +1,120 @@
+package dsm
+
+import (
+	"bytes"
+	"errors"
+	"reflect"
+	"testing"
+)
+
+func sampleMsgs() []Msg {
+	page := bytes.Repeat([]byte{0x5A}, PageSize)
+	var nonce [NonceSize]byte
+	var mac [MACSize]byte
+	for i := range nonce {
+		nonce[i], mac[i] = byte(i), byte(255-i)
+	}
+	return []Msg{
+		{Type: MsgHello, ReqID: 0, From: 2, To: 0, Nonce: nonce, VMID: "vm-1"},
+		{Type: MsgChallenge, Nonce: nonce, MAC: mac},
+		{Type: MsgProof, MAC: mac},
+		{Type: MsgWelcome},
+		{Type: MsgError, Code: 3, Text: "authentication failed"},
+		{Type: MsgHeartbeat},
+		{Type: MsgReadReq, ReqID: 7, Page: 0x100},
+		{Type: MsgWriteReq, ReqID: 8, Page: 1 << 40},
+		{Type: MsgFetch, ReqID: 9, Page: 5},
+		{Type: MsgFetchReply, ReqID: 9, Page: 5, Flags: FlagData, Data: page},
+		{Type: MsgInvalidate, ReqID: 10, Page: 5, Flags: FlagWantData},
+		{Type: MsgInvAck, ReqID: 10, Page: 5, Flags: FlagZero},
+		{Type: MsgGrant, ReqID: 8, Page: 5, Flags: FlagExclusive | FlagData, Data: page},
+		{Type: MsgDone},
+		{Type: MsgShutdown, Text: "all slices done"},
+		{Type: MsgShutdownAck},
+	}
+}
+
+func TestFrameRoundTrip(t *testing.T) {
+	var stream []byte
+	for _, m := range sampleMsgs() {
+		b, err := AppendFrame(nil, &m)
+		if err != nil {
+			t.Fatalf("%v: %v", m.Type, err)
+		}
+		got, err := DecodeFrame(b)
+		if err != nil {
+			t.Fatalf("%v: decode: %v", m.Type, err)
+		}
+		if !reflect.DeepEqual(got, m) {
+			t.Fatalf("%v: round trip\n got %+v\nwant %+v", m.Type, got, m)
+		}
+		stream = append(stream, b...)
+	}
+	fr := NewFrameReader(bytes.NewReader(stream))
+	for _, m := range sampleMsgs() {
+		got, err := fr.Read()
+		if err != nil || got.Type != m.Type || got.ReqID != m.ReqID {
+			t.Fatalf("stream read %v: got %v (%v)", m.Type, got.Type, err)
+		}
+	}
+}
+
+func TestDecodeRejects(t *testing.T) {
+	good, _ := AppendFrame(nil, &Msg{Type: MsgGrant, Page: 1, Flags: FlagZero})
+	mutate := func(f func(b []byte) []byte) []byte { return f(append([]byte(nil), good...)) }
+	tests := []struct {
+		name string
+		b    []byte
+	}{
+		{"short", good[:10]},
+		{"bad magic", mutate(func(b []byte) []byte { b[0] = 'X'; return b })},
+		{"bad version", mutate(func(b []byte) []byte { b[4] = 9; return b })},
+		{"reserved flags", mutate(func(b []byte) []byte { b[7] = 1; return b })},
+		{"unknown type", mutate(func(b []byte) []byte { b[5] = 99; return b })},
+		{"length mismatch", mutate(func(b []byte) []byte { return b[:len(b)-1] })},
+		{"oversized length", mutate(func(b []byte) []byte { b[8] = 0xFF; return b })},
+		{"unknown page flag", mutate(func(b []byte) []byte { b[len(b)-1] |= 0x80; return b })},
+		{"data flag without data", mutate(func(b []byte) []byte { b[len(b)-1] = byte(FlagData); return b })},
+		{"data and zero", mutate(func(b []byte) []byte { b[len(b)-1] = byte(FlagData | FlagZero); return b })},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if _, err := DecodeFrame(tt.b); !errors.Is(err, ErrProtocol) {
+				t.Fatalf("DecodeFrame: %v, want ErrProtocol", err)
+			}
+		})
+	}
+}
+
+func TestEncodeRejectsBadPageData(t *testing.T) {
+	if _, err := AppendFrame(nil, &Msg{Type: MsgGrant, Flags: FlagData, Data: []byte{1}}); err == nil {
+		t.Fatal("encoded a grant with a 1-byte page")
+	}
+}
+
+// FuzzDecodeFrame feeds arbitrary bytes (outside input: any peer can send
+// them) to the decoder: it must never panic, and whatever it accepts must
+// re-encode to the same bytes.
+func FuzzDecodeFrame(f *testing.F) {
+	for _, m := range sampleMsgs() {
+		b, _ := AppendFrame(nil, &m)
+		f.Add(b)
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		m, err := DecodeFrame(b)
+		if err != nil {
+			return
+		}
+		out, err := AppendFrame(nil, &m)
+		if err != nil {
+			t.Fatalf("decoded %+v does not re-encode: %v", m, err)
+		}
+		if !bytes.Equal(out, b) {
+			t.Fatalf("re-encoding differs:\n in %x\nout %x", b, out)
+		}
+		fr := NewFrameReader(bytes.NewReader(b))
+		if _, err := fr.Read(); err != nil {
+			t.Fatalf("stream reader rejects a frame DecodeFrame accepts: %v", err)
+		}
+	})
+}

@@ -1,0 +1,31 @@
+# Guest agent and OS images (see docs/images.md, docs/agent.md).
+#   make agent              static bin/hpcvm-agent (CGO_ENABLED=0)
+#   make image-debian12     build images/debian12.toml into $(IMAGE_STORE)
+#   make image-test         the real debootstrap build test (HPCVM_IMAGE_BUILD_TEST=1)
+IMAGE_STORE ?= $(or $(HPCVM_IMAGE_STORE),/var/lib/hpcvm/images)
+IMAGE_APT := debootstrap e2fsprogs
+
+.PHONY: agent image-deps image-debian12 image-test
+
+agent:
+	@mkdir -p $(BIN)
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-X main.version=$$(git describe --always --dirty 2>/dev/null || echo dev)" \
+		-o $(BIN)/hpcvm-agent ./guest/agent
+
+image-deps:
+	@missing=""; for p in $(IMAGE_APT); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "image-deps: installing$$missing"; \
+		apt-get install -y --no-install-recommends $$missing || \
+		{ apt-get update && apt-get install -y --no-install-recommends $$missing; }; \
+	fi
+
+# Cached: a second run with the same definition and agent returns at once.
+image-debian12: build agent image-deps
+	$(BIN)/hpcvm image build --store $(IMAGE_STORE) --agent $(BIN)/hpcvm-agent images/debian12.toml
+
+image-test: agent image-deps
+	HPCVM_IMAGE_BUILD_TEST=1 HPCVM_AGENT=$(BIN)/hpcvm-agent HPCVM_IMAGE_TEST_STORE=$(HPCVM_CACHE)/images/test-store \
+		$(GO) test -count=1 -v -timeout 60m -run TestRealBuild ./images/

@@ -17,3 +17,8 @@ guest-initramfs:
 # Debian's cloud kernel (pinned) + initramfs with its virtio/vsock modules.
 guest-cloud-kernel:
 	guest/cloud/build.sh
+
+# Boot every artifact under plain QEMU TCG (-M microvm) and check the console
+# protocol and the ACPI poweroff; skips with the reason if qemu is missing.
+guest-selftest: guest-kernel guest-initramfs guest-cloud-kernel
+	HPCVM_GUEST_SELFTEST=1 $(GO) test -count=1 -v -timeout 40m ./guest/selftest

@@ -260,6 +260,7 @@ func TestRequestErrors(t *testing.T) {
 		{"negative nodes", func(r *Request) { r.Nodes = -1 }, optNodes},
 		{"cpus do not fit", func(r *Request) { r.CPUs = 40 }, optCPUs},
 		{"cpus leave a node empty", func(r *Request) { r.CPUs = 8 }, optCPUs},
+		{"fewer cpus than nodes", func(r *Request) { r.CPUsPerNode, r.CPUs, r.Nodes = 0, 3, 4 }, optCPUs},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -177,6 +177,19 @@ func Compile(files ...File) (*Policy, []*Problem) {
 		c.file(i, f)
 	}
 	c.crossChecks()
+	// Cross-file checks come last; report in file and line order.
+	order := map[string]int{}
+	for i, f := range files {
+		if _, seen := order[f.Name]; !seen {
+			order[f.Name] = i
+		}
+	}
+	slices.SortStableFunc(c.problems, func(a, b *Problem) int {
+		if d := order[a.File] - order[b.File]; d != 0 {
+			return d
+		}
+		return a.Line - b.Line
+	})
 	var hasErr bool
 	for _, p := range c.problems {
 		hasErr = hasErr || p.Severity == SevError
@@ -326,7 +339,9 @@ type siteInfo struct {
 
 func (c *compiler) add(p *Problem) { c.problems = append(c.problems, p) }
 
-var lineInMsg = regexp.MustCompile(`^toml: line (\d+)`)
+// decodeErrMsg picks apart the TOML decoder's untyped errors:
+// `toml: line 3 (last key "rule.images"): type mismatch ...`.
+var decodeErrMsg = regexp.MustCompile(`^toml: line (\d+) \(last key "([^"]*)"\): (.*)$`)
 
 func (c *compiler) file(ix int, f File) {
 	var doc fileDoc
@@ -334,16 +349,18 @@ func (c *compiler) file(ix int, f File) {
 	if err != nil {
 		var pe toml.ParseError
 		if errors.As(err, &pe) {
-			c.add(&Problem{File: f.Name, Line: pe.Position.Line, Msg: "TOML syntax: " + pe.Message})
+			c.add(&Problem{File: f.Name, Line: pe.Position.Line, Key: pe.LastKey, Msg: "TOML syntax: " + pe.Message})
 			return
 		}
 		// Table-shape mismatches ("images = 3") come as plain errors that
-		// carry the line only in their text.
-		line := 0
-		if m := lineInMsg.FindStringSubmatch(err.Error()); m != nil {
-			line, _ = strconv.Atoi(m[1])
+		// carry the line and key only in their text.
+		p := &Problem{File: f.Name, Msg: err.Error()}
+		if m := decodeErrMsg.FindStringSubmatch(err.Error()); m != nil {
+			p.Line, _ = strconv.Atoi(m[1])
+			p.Key = m[2]
+			p.Msg = m[3]
 		}
-		c.add(&Problem{File: f.Name, Line: line, Msg: strings.TrimPrefix(err.Error(), "toml: ")})
+		c.add(p)
 		return
 	}
 	lines := keyLines(string(f.Data))

@@ -17,7 +17,7 @@ func TestCompileProblems(t *testing.T) {
 		msg  string
 		sev  Severity
 	}{
-		{"syntax", "[defaults]\nlimits.max_nodes = = 1\n", 2, "", "", "TOML syntax", SevError},
+		{"syntax", "[defaults]\nlimits.max_nodes = = 1\n", 2, "", "defaults.limits.max_nodes", "TOML syntax", SevError},
 		{"unknown site key", "[site]\npartitions = [\"cpu\"]\ncolour = 1\n", 3, "", "site.colour", `unknown key "colour"`, SevError},
 		{"unknown top key", "[sites]\npartitions = [\"cpu\"]\n", 1, "", "sites", `did you mean "site"`, SevError},
 		{"unknown table with hint", "[[rule]]\nname = \"a\"\n[rule.limts]\nmax_nodes = 1\n", 3, "a", "limts", `did you mean "limits"`, SevError},
@@ -41,7 +41,7 @@ func TestCompileProblems(t *testing.T) {
 		{"cpu weight", "[defaults]\ncgroup.cpu_weight = 0\n", 2, "defaults", "cgroup.cpu_weight", "between 1 and 10000", SevError},
 		{"predictors empty", "[defaults]\nmigration = { enabled = true, predictors = [] }\n", 2, "defaults", "migration.predictors", "nothing would trigger", SevError},
 		{"bad glob", "[[rule]]\nname = \"g\"\nmatch.user = [\"al ice\"]\n", 3, "g", "match.user", "space", SevError},
-		{"table expected", "[[rule]]\nname = \"t\"\nimages = 3\n", 3, "", "", "expected table", SevError},
+		{"table expected", "[[rule]]\nname = \"t\"\nimages = 3\n", 3, "", "rule.images", "expected table", SevError},
 		{"element type", "[defaults]\nimages.allow = [\"a\", 2]\n", 2, "defaults", "images.allow", "element 2: want a string, got integer 2", SevError},
 		{"empty matcher", "[[rule]]\nname = \"e\"\nmatch.partition = []\n", 3, "e", "match.partition", "never match", SevWarning},
 		{"match excluded", "[[rule]]\nname = \"x\"\n[rule.match]\nuser = [\"alice\", \"al*\"]\n[rule.except]\nuser = \"a*\"\n", 6, "x", "except.user", "never match", SevWarning},
@@ -67,6 +67,9 @@ func TestCompileProblems(t *testing.T) {
 				t.Errorf("problem = %+v; want line %d rule %q key %q severity %v", *found, tt.line, tt.rule, tt.key, tt.sev)
 			}
 			// The rendered message must name the file (with line) and key.
+			if tt.key == "" {
+				t.Fatal("every case must expect a key")
+			}
 			s := found.Error()
 			if !strings.Contains(s, file+":") || !strings.Contains(s, tt.key) {
 				t.Errorf("message %q does not name file and key %q", s, tt.key)

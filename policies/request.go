@@ -191,6 +191,9 @@ func (r *Request) Validate() error {
 		return &RequestError{Field: optInterval, Msg: "negative"}
 	}
 	nodes := max(r.Nodes, 1)
+	if r.CPUs > 0 && r.CPUs < nodes {
+		return &RequestError{Field: optCPUs, Msg: fmt.Sprintf("%s=%d is fewer than the %d nodes: every node needs a vCPU", optCPUs, r.CPUs, nodes)}
+	}
 	if r.CPUs > 0 && r.CPUsPerNode > 0 && (r.CPUs > r.CPUsPerNode*nodes || r.CPUs <= (r.CPUsPerNode-1)*nodes) {
 		return &RequestError{Field: optCPUs, Msg: fmt.Sprintf("%s=%d does not fit %s=%d on %d node(s)", optCPUs, r.CPUs, optCPUsNode, r.CPUsPerNode, nodes)}
 	}

@@ -80,17 +80,7 @@ func policyCheck(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "hpcvm policy check: %v\n", err)
 		return 2
 	}
-	p, problems := policies.Compile(files...)
-	order := map[string]int{}
-	for i, f := range files {
-		order[f.Name] = i
-	}
-	slices.SortStableFunc(problems, func(a, b *policies.Problem) int {
-		if d := order[a.File] - order[b.File]; d != 0 {
-			return d
-		}
-		return a.Line - b.Line
-	})
+	p, problems := policies.Compile(files...) // in file and line order
 	var nerr, nwarn int
 	for _, pr := range problems {
 		fmt.Fprintln(stdout, pr.Error())

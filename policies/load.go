@@ -341,6 +341,8 @@ func (c *compiler) add(p *Problem) { c.problems = append(c.problems, p) }
 
 // decodeErrMsg picks apart the TOML decoder's untyped errors:
 // `toml: line 3 (last key "rule.images"): type mismatch ...`.
+var typeMismatch = regexp.MustCompile(`^type mismatch for [^:]*: expected (\w+) but found (.*)$`)
+
 var decodeErrMsg = regexp.MustCompile(`^toml: line (\d+) \(last key "([^"]*)"\): (.*)$`)
 
 func (c *compiler) file(ix int, f File) {
@@ -359,6 +361,12 @@ func (c *compiler) file(ix int, f File) {
 			p.Line, _ = strconv.Atoi(m[1])
 			p.Key = m[2]
 			p.Msg = m[3]
+			// Speak TOML, not Go: "type mismatch for policies.imagesDoc:
+			// expected table but found int64" -> "want a table, got integer".
+			if t := typeMismatch.FindStringSubmatch(p.Msg); t != nil {
+				got := strings.NewReplacer("int64", "integer", "float64", "float", "bool", "boolean", "[]interface {}", "array", "[]any", "array").Replace(t[2])
+				p.Msg = fmt.Sprintf("want a %s, got %s", t[1], got)
+			}
 		}
 		c.add(p)
 		return

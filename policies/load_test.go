@@ -41,7 +41,7 @@ func TestCompileProblems(t *testing.T) {
 		{"cpu weight", "[defaults]\ncgroup.cpu_weight = 0\n", 2, "defaults", "cgroup.cpu_weight", "between 1 and 10000", SevError},
 		{"predictors empty", "[defaults]\nmigration = { enabled = true, predictors = [] }\n", 2, "defaults", "migration.predictors", "nothing would trigger", SevError},
 		{"bad glob", "[[rule]]\nname = \"g\"\nmatch.user = [\"al ice\"]\n", 3, "g", "match.user", "space", SevError},
-		{"table expected", "[[rule]]\nname = \"t\"\nimages = 3\n", 3, "", "rule.images", "expected table", SevError},
+		{"table expected", "[[rule]]\nname = \"t\"\nimages = 3\n", 3, "", "rule.images", "want a table, got integer", SevError},
 		{"element type", "[defaults]\nimages.allow = [\"a\", 2]\n", 2, "defaults", "images.allow", "element 2: want a string, got integer 2", SevError},
 		{"empty matcher", "[[rule]]\nname = \"e\"\nmatch.partition = []\n", 3, "e", "match.partition", "never match", SevWarning},
 		{"match excluded", "[[rule]]\nname = \"x\"\n[rule.match]\nuser = [\"alice\", \"al*\"]\n[rule.except]\nuser = \"a*\"\n", 6, "x", "except.user", "never match", SevWarning},

@@ -10,8 +10,8 @@ import (
 	"fmt"
 	"os"
 	"runtime"
+	"sync"
 	"sync/atomic"
-	"syscall"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -86,11 +86,15 @@ func (e Event) String() string {
 	return fmt.Sprintf("%s %s fault at %#x (tid %d)", kind, access, e.Address, e.TID)
 }
 
-// FD is an open, API-negotiated userfaultfd. It is non-blocking and
-// registered with the Go poller, so Close unblocks a concurrent ReadEvents.
+// FD is an open, API-negotiated userfaultfd. The descriptor is
+// non-blocking; ReadEvents waits in poll(2) on it and on an eventfd that
+// Close signals, so Close unblocks a concurrent ReadEvents. (The Go poller
+// is not used: registration of a userfaultfd with it was seen to fail
+// intermittently, leaving reads "not pollable".)
 type FD struct {
-	f        *os.File
-	rc       syscall.RawConn
+	mu       sync.RWMutex // held (read) while fd is in use; Close takes it to close fd
+	fd       int
+	efd      int // eventfd signalled by Close
 	features Features
 	closed   atomic.Bool
 }
@@ -154,13 +158,12 @@ func open() (*FD, error) {
 		}
 		fd = int(r)
 	}
-	f := os.NewFile(uintptr(fd), "userfaultfd")
-	rc, err := f.SyscallConn()
+	efd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
 	if err != nil {
-		f.Close()
-		return nil, fmt.Errorf("uffd: %w", err)
+		unix.Close(fd)
+		return nil, fmt.Errorf("uffd: eventfd: %w", err)
 	}
-	return &FD{f: f, rc: rc}, nil
+	return &FD{fd: fd, efd: efd}, nil
 }
 
 // Features returns the negotiated features.
@@ -170,18 +173,27 @@ func (u *FD) Features() Features { return u.features }
 // on one of its faults and unregisters its ranges (later faults are
 // ordinary anonymous-memory faults).
 func (u *FD) Close() error {
-	u.closed.Store(true)
-	return u.f.Close()
+	if u.closed.Swap(true) {
+		return nil
+	}
+	var one [8]byte
+	one[0] = 1
+	unix.Write(u.efd, one[:]) // wake ReadEvents (eventfd counters are host-endian; any non-zero value works)
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	unix.Close(u.efd)
+	return unix.Close(u.fd)
 }
 
 func (u *FD) ioctl(op uintptr, arg unsafe.Pointer) error {
-	var ierr error
-	err := u.rc.Control(func(fd uintptr) { ierr = ioctlPtr(fd, op, arg) })
-	runtime.KeepAlive(arg)
-	if err != nil {
-		return err
+	u.mu.RLock()
+	defer u.mu.RUnlock()
+	if u.closed.Load() {
+		return ErrClosed
 	}
-	return ierr
+	err := ioctlPtr(uintptr(u.fd), op, arg)
+	runtime.KeepAlive(arg)
+	return err
 }
 
 // Register arms [addr, addr+n) (page-aligned) for the given fault modes.
@@ -261,8 +273,12 @@ func (u *FD) ZeroPage(dst uintptr, n uint64, dontWake bool) error {
 // WriteProtect sets (protect) or clears write protection on the populated
 // pages of [addr, addr+n). Clearing wakes threads blocked in WP faults on
 // the range unless dontWake. Without FeatureWPUnpopulated unpopulated
-// pages are silently skipped.
+// pages are silently skipped. The kernel refuses dontWake when protecting
+// (there is nothing to wake).
 func (u *FD) WriteProtect(addr uintptr, n uint64, protect, dontWake bool) error {
+	if protect && dontWake {
+		return fmt.Errorf("uffd: UFFDIO_WRITEPROTECT %#x+%#x: dontWake is only valid when clearing protection", addr, n)
+	}
 	w := uffdioWriteprotect{Range: uffdioRange{Start: uint64(addr), Len: n}}
 	if protect {
 		w.Mode |= 1 << 0
@@ -293,25 +309,27 @@ func (u *FD) Wake(addr uintptr, n uint64) error {
 }
 
 // ReadEvents blocks until at least one fault is pending and fills evs.
-// After Close it returns os.ErrClosed (wrapped).
+// After Close it returns ErrClosed.
 func (u *FD) ReadEvents(evs []Event) (int, error) {
 	buf := make([]byte, len(evs)*msgSize)
-	var n int
-	var rerr error
-	err := u.rc.Read(func(fd uintptr) bool {
-		n, rerr = unix.Read(int(fd), buf)
-		return !errors.Is(rerr, unix.EAGAIN)
-	})
-	if err != nil {
+	u.mu.RLock()
+	defer u.mu.RUnlock()
+	for {
 		if u.closed.Load() {
 			return 0, ErrClosed
 		}
-		return 0, fmt.Errorf("uffd: read events: %w", err)
+		n, err := unix.Read(u.fd, buf)
+		if err == nil {
+			return decodeMsgs(buf[:n], evs), nil
+		}
+		if !errors.Is(err, unix.EAGAIN) && !errors.Is(err, unix.EINTR) {
+			return 0, fmt.Errorf("uffd: read events: %w", err)
+		}
+		fds := []unix.PollFd{{Fd: int32(u.fd), Events: unix.POLLIN}, {Fd: int32(u.efd), Events: unix.POLLIN}}
+		if _, err := unix.Poll(fds, -1); err != nil && !errors.Is(err, unix.EINTR) {
+			return 0, fmt.Errorf("uffd: poll: %w", err)
+		}
 	}
-	if rerr != nil {
-		return 0, fmt.Errorf("uffd: read events: %w", rerr)
-	}
-	return decodeMsgs(buf[:n], evs), nil
 }
 
 // DropPages discards the contents of [addr, addr+n) of private anonymous

@@ -1,0 +1,141 @@
+package dsm
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"sort"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/hpcvm/hpcvm/vmm/kvm"
+	"github.com/hpcvm/hpcvm/vmm/machine"
+	"github.com/hpcvm/hpcvm/vmm/memory"
+	"github.com/hpcvm/hpcvm/vmm/microguest"
+	"github.com/hpcvm/hpcvm/vmm/uffd"
+)
+
+const testMem = 4 << 20
+
+func requireKVMAndUFFD(t testing.TB) {
+	t.Helper()
+	if _, err := os.Stat(kvm.DevicePath); err != nil {
+		t.Skipf("needs %s: %v", kvm.DevicePath, err)
+	}
+	if err := kvmAvailable(); err != nil {
+		t.Skipf("needs a usable %s (root): %v", kvm.DevicePath, err)
+	}
+	u, err := uffd.Open(uffd.FeaturePagefaultFlagWP, 0)
+	if err != nil {
+		t.Skipf("needs userfaultfd with write-protect (root, %s): %v", uffd.DevicePath, err)
+	}
+	u.Close()
+}
+
+// reportDev collects a slice's port reports.
+type reportDev struct {
+	mu      sync.Mutex
+	reports []uint32
+}
+
+func (r *reportDev) Read(uint64, []byte) {}
+func (r *reportDev) Write(_ uint64, d []byte) {
+	var b [4]byte
+	copy(b[:], d)
+	r.mu.Lock()
+	r.reports = append(r.reports, binary.LittleEndian.Uint32(b[:]))
+	r.mu.Unlock()
+}
+
+// vmRun is the outcome of running a program on a distributed VM.
+type vmRun struct {
+	reports []uint32 // all slices' reports, sorted
+	finals  []uint64 // qwords at the program's final addresses, read coherently on slice 0
+	stats   []StatsSnapshot
+	elapsed time.Duration
+}
+
+// sliceSpec builds slice i's config for an n-slice VM.
+func sliceSpec(i int, addrs []string, ln net.Listener, ncpu int, vcpus []int, prog string, iters int,
+	rep *reportDev, finals *[]uint64, lg *slog.Logger) SliceConfig {
+	p := mustProgram(prog)
+	return SliceConfig{
+		Transport: TransportConfig{ID: i, Addrs: addrs, Listener: ln, VMID: "test-vm", Secret: testSecret, Logger: lg,
+			PeerTimeout: 3 * time.Second, ConnectTimeout: 20 * time.Second},
+		CPUs: ncpu, VCPUs: vcpus, MemBytes: testMem,
+		Loader:   microguest.Program{Code: p.build(iters)},
+		DonePort: portDone,
+		Setup: func(m *machine.Machine, g memory.Guest) error {
+			return m.IO.Register("report", portReport, 1, rep)
+		},
+		Finish: func(g memory.Guest) error {
+			for _, a := range p.finals {
+				var b [8]byte
+				if _, err := g.ReadAt(b[:], int64(a)); err != nil {
+					return err
+				}
+				*finals = append(*finals, binary.LittleEndian.Uint64(b[:]))
+			}
+			return nil
+		},
+		Logger: lg,
+	}
+}
+
+// splitVCPUs deals ncpu vCPUs round-robin over n slices.
+func splitVCPUs(ncpu, n int) [][]int {
+	out := make([][]int, n)
+	for c := 0; c < ncpu; c++ {
+		out[c%n] = append(out[c%n], c)
+	}
+	return out
+}
+
+// runInProcess runs prog on n slices inside this process, over loopback.
+func runInProcess(t testing.TB, n, ncpu int, prog string, iters int) vmRun {
+	t.Helper()
+	requireKVMAndUFFD(t)
+	lns, addrs := loopbackListeners(t, n)
+	lg := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	reps := make([]*reportDev, n)
+	var finals []uint64
+	res := make([]SliceResult, n)
+	errs := make([]error, n)
+	ctx, cancel := context.WithTimeoutCause(context.Background(), 3*time.Minute, errors.New("distributed VM did not finish in 3 minutes"))
+	defer cancel()
+	vc := splitVCPUs(ncpu, n)
+	var wg sync.WaitGroup
+	start := time.Now()
+	for i := 0; i < n; i++ {
+		reps[i] = &reportDev{}
+		cfg := sliceSpec(i, addrs, lns[i], ncpu, vc[i], prog, iters, reps[i], &finals, lg)
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			res[i], errs[i] = RunSlice(ctx, cfg)
+		}(i)
+	}
+	wg.Wait()
+	out := vmRun{elapsed: time.Since(start), finals: finals}
+	for i := 0; i < n; i++ {
+		if errs[i] != nil {
+			t.Fatalf("slice %d: %v", i, errs[i])
+		}
+		if res[i].Exit.Kind != machine.ExitPoweroff {
+			t.Fatalf("slice %d exit %v: %s", i, res[i].Exit.Kind, res[i].Exit.Reason)
+		}
+		out.reports = append(out.reports, reps[i].reports...)
+		out.stats = append(out.stats, res[i].Stats)
+	}
+	sort.Slice(out.reports, func(a, b int) bool { return out.reports[a] < out.reports[b] })
+	return out
+}
+
+func (r vmRun) String() string {
+	return fmt.Sprintf("reports %v finals %v in %v, stats %+v", r.reports, r.finals, r.elapsed.Round(time.Millisecond), r.stats)
+}

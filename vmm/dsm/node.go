@@ -1,0 +1,734 @@
+// Package dsm is the distributed shared memory layer of a distributed VM:
+// every slice (one VMM process running some of the VM's vCPUs) maps the
+// whole guest-physical address space, and pages move between slices on
+// demand under a single-writer/multiple-reader protocol at 4 KiB
+// granularity that gives sequential consistency (Ivy-style, with a
+// per-page home directory). Guest accesses are caught with userfaultfd
+// (missing and write-protect faults); the VMM's own accesses go through
+// Node's memory.Guest methods, which take part in the same protocol.
+// See docs/dsm.md for the protocol and wire format.
+package dsm
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/bits"
+	"sync"
+	"sync/atomic"
+
+	"github.com/hpcvm/hpcvm/vmm/memory"
+	"github.com/hpcvm/hpcvm/vmm/uffd"
+	"golang.org/x/sys/unix"
+)
+
+// pstate is a slice's access to one page.
+type pstate uint8
+
+const (
+	invalid   pstate = iota // no copy: any access faults (page dropped)
+	shared                  // read-only copy, write-protected
+	exclusive               // the only copy, writable
+)
+
+func (s pstate) String() string { return [...]string{"invalid", "shared", "exclusive"}[s] }
+
+// page is this slice's view of one guest page.
+//
+// mapped says whether the host page is populated. A valid page (shared or
+// exclusive) that is not mapped holds zeros (slice 0's untouched RAM); it
+// is populated with a zero page when first accessed. Invalid pages are
+// never mapped. The handlers only ever read host memory of mapped pages:
+// a Go goroutine must not fault on registered memory (see docs/dsm.md).
+type page struct {
+	mu       sync.Mutex
+	st       pstate
+	mapped   bool
+	inflight chan struct{} // closed when this slice's outstanding request is granted
+}
+
+// dirEntry is the home's directory entry for a page: who has copies.
+// writer and copyset are only touched by the goroutine serving the page's
+// current request (busy), so requests for one page are serialised.
+type dirEntry struct {
+	mu      sync.Mutex
+	busy    bool
+	queue   []homeReq
+	writer  int    // slice with write access, or -1
+	copyset uint64 // slices holding a valid copy (bit i = slice i)
+}
+
+type homeReq struct {
+	from  int
+	write bool
+	reqID uint64
+}
+
+type region struct {
+	gpa   uint64
+	host  []byte
+	first int // index of the region's first page
+}
+
+// Stats counts protocol events on one slice.
+type Stats struct {
+	ReadFaults, WriteFaults atomic.Int64 // guest/VMM faults that needed a request
+	Requests                atomic.Int64 // requests sent to homes
+	HomeServed              atomic.Int64 // requests served as home
+	Invalidations           atomic.Int64 // copies this slice dropped
+	Fetches                 atomic.Int64 // copies this slice supplied
+}
+
+// NodeConfig configures a Node.
+type NodeConfig struct {
+	RAM       *memory.RAM // guest memory; slice 0's must already hold the boot image
+	Transport *Transport  // connected mesh, not yet started
+	Logger    *slog.Logger
+	// OnFail is called once when the node fails (peer lost, protocol
+	// error); the node has already released every blocked fault.
+	OnFail func(error)
+	// Control receives the non-page messages (done, shutdown) on the
+	// sender's reader goroutine; it must not block.
+	Control func(from int, m *Msg)
+}
+
+// Node is one slice's coherence engine. It implements memory.Guest.
+type Node struct {
+	id, n   int
+	ram     *memory.RAM
+	regs    []region
+	pages   []page
+	dir     []dirEntry // entries for pages homed here
+	u       *uffd.FD
+	tr      *Transport
+	log     *slog.Logger
+	ctx     context.Context
+	cancel  context.CancelFunc
+	onFail  func(error)
+	control func(int, *Msg)
+	zero    []byte
+
+	pmu     sync.Mutex
+	pending map[uint64]chan Msg
+	seq     atomic.Uint64
+
+	failOnce sync.Once
+	err      error // set once under failOnce
+	failed   atomic.Bool
+	wg       sync.WaitGroup
+
+	Stats Stats
+}
+
+var _ memory.Guest = (*Node)(nil)
+
+// NewNode registers the RAM with userfaultfd, sets the initial ownership
+// (slice 0 owns every page; the pages its loader populated are mapped) and
+// starts serving faults and messages.
+func NewNode(cfg NodeConfig) (*Node, error) {
+	tr := cfg.Transport
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	nd := &Node{id: tr.ID(), n: tr.N(), ram: cfg.RAM, tr: tr, log: cfg.Logger.With("slice", tr.ID()),
+		onFail: cfg.OnFail, control: cfg.Control, zero: make([]byte, PageSize), pending: map[uint64]chan Msg{}}
+	nd.ctx, nd.cancel = context.WithCancel(context.Background())
+	npages := 0
+	for _, r := range cfg.RAM.Regions() {
+		nd.regs = append(nd.regs, region{gpa: r.GPA, host: r.Host, first: npages})
+		npages += len(r.Host) / PageSize
+	}
+	nd.pages = make([]page, npages)
+	nd.dir = make([]dirEntry, npages)
+	for i := range nd.dir {
+		nd.dir[i].writer = 0
+		nd.dir[i].copyset = 1
+	}
+	for _, r := range nd.regs {
+		// THP would populate 2 MiB at once behind the protocol's back.
+		if err := unix.Madvise(r.host, unix.MADV_NOHUGEPAGE); err != nil {
+			return nil, fmt.Errorf("dsm: madvise(NOHUGEPAGE) on guest RAM at %#x: %w", r.gpa, err)
+		}
+		var resident []byte
+		if nd.id == 0 {
+			resident = make([]byte, len(r.host)/PageSize)
+			if err := mincore(r.host, resident); err != nil {
+				return nil, fmt.Errorf("dsm: mincore on guest RAM at %#x: %w", r.gpa, err)
+			}
+		}
+		for i := 0; i < len(r.host)/PageSize; i++ {
+			p := &nd.pages[r.first+i]
+			if nd.id == 0 {
+				p.st = exclusive
+				p.mapped = resident[i]&1 != 0
+			} else if err := uffd.DropPages(r.host[i*PageSize : (i+1)*PageSize]); err != nil {
+				return nil, err
+			}
+		}
+	}
+	u, err := uffd.Open(uffd.FeaturePagefaultFlagWP, uffd.FeatureThreadID)
+	if err != nil {
+		return nil, err
+	}
+	nd.u = u
+	for _, r := range nd.regs {
+		if err := u.Register(uffd.Addr(r.host), uint64(len(r.host)), uffd.ModeMissing|uffd.ModeWP); err != nil {
+			u.Close()
+			return nil, err
+		}
+	}
+	nd.wg.Add(1)
+	go nd.faultLoop()
+	tr.Start(nd)
+	return nd, nil
+}
+
+// Err returns the error the node failed with, if any.
+func (nd *Node) Err() error {
+	if !nd.failed.Load() {
+		return nil
+	}
+	return nd.err
+}
+
+// fail stops the node: pending waits abort and the userfaultfd is closed,
+// which wakes every thread blocked on a fault (they then see plain
+// anonymous memory; the VM is being stopped).
+func (nd *Node) fail(err error) {
+	nd.failOnce.Do(func() {
+		nd.err = err
+		nd.failed.Store(true)
+		nd.log.Error("dsm node failed", "err", err)
+		if nd.onFail != nil {
+			nd.onFail(err)
+		}
+		nd.cancel()
+		nd.u.Close()
+	})
+}
+
+// Close stops serving faults. The machine must have stopped.
+func (nd *Node) Close() error {
+	nd.failOnce.Do(func() {
+		nd.cancel()
+		nd.u.Close()
+	})
+	nd.wg.Wait()
+	return nil
+}
+
+// Size is the guest RAM size.
+func (nd *Node) Size() uint64 { return nd.ram.Size() }
+
+// locate maps a guest-physical address to its page index and the host
+// bytes from gpa to the end of its page.
+func (nd *Node) locate(gpa uint64) (int, []byte, bool) {
+	for _, r := range nd.regs {
+		if gpa >= r.gpa && gpa-r.gpa < uint64(len(r.host)) {
+			off := gpa - r.gpa
+			idx := r.first + int(off/PageSize)
+			end := (off/PageSize + 1) * PageSize
+			return idx, r.host[off:end], true
+		}
+	}
+	return 0, nil, false
+}
+
+// pageIndex maps a guest page frame number from the wire to a page index.
+func (nd *Node) pageIndex(pfn uint64) (int, bool) {
+	if pfn > (1<<52)-1 {
+		return 0, false
+	}
+	idx, _, ok := nd.locate(pfn * PageSize)
+	return idx, ok
+}
+
+func (nd *Node) pfn(idx int) uint64 {
+	for i := len(nd.regs) - 1; i >= 0; i-- {
+		if idx >= nd.regs[i].first {
+			return nd.regs[i].gpa/PageSize + uint64(idx-nd.regs[i].first)
+		}
+	}
+	panic("dsm: bad page index")
+}
+
+func (nd *Node) hostPage(idx int) []byte {
+	for i := len(nd.regs) - 1; i >= 0; i-- {
+		r := nd.regs[i]
+		if idx >= r.first {
+			off := (idx - r.first) * PageSize
+			return r.host[off : off+PageSize]
+		}
+	}
+	panic("dsm: bad page index")
+}
+
+func (nd *Node) home(pfn uint64) int { return int(pfn % uint64(nd.n)) }
+
+func (nd *Node) send(to int, m *Msg) {
+	if err := nd.tr.Send(to, m); err != nil && nd.ctx.Err() == nil {
+		nd.fail(fmt.Errorf("slice %d: %w", to, err))
+	}
+}
+
+// faultLoop reads userfaultfd events and resolves each on its own
+// goroutine (a fault may wait for a remote slice).
+func (nd *Node) faultLoop() {
+	defer nd.wg.Done()
+	evs := make([]uffd.Event, 64)
+	for {
+		n, err := nd.u.ReadEvents(evs)
+		if err != nil {
+			if !errors.Is(err, uffd.ErrClosed) && nd.ctx.Err() == nil {
+				nd.fail(err)
+			}
+			return
+		}
+		for _, ev := range evs[:n] {
+			if !ev.Pagefault() {
+				continue
+			}
+			idx, ok := nd.hostIndex(ev.Address)
+			if !ok {
+				nd.fail(fmt.Errorf("dsm: fault outside guest RAM: %v", ev))
+				return
+			}
+			go nd.handleFault(idx, ev.Write() || ev.WP())
+		}
+	}
+}
+
+func (nd *Node) hostIndex(addr uint64) (int, bool) {
+	for _, r := range nd.regs {
+		base := uint64(uffd.Addr(r.host))
+		if addr >= base && addr-base < uint64(len(r.host)) {
+			return r.first + int((addr-base)/PageSize), true
+		}
+	}
+	return 0, false
+}
+
+func (nd *Node) handleFault(idx int, write bool) {
+	if err := nd.acquire(idx, write); err != nil {
+		return // failing: closing the userfaultfd releases the thread
+	}
+	p := &nd.pages[idx]
+	p.mu.Lock()
+	if p.st != invalid && !p.mapped {
+		if err := nd.installLocked(idx, nil, p.st == shared); err != nil {
+			p.mu.Unlock()
+			nd.fail(err)
+			return
+		}
+	}
+	p.mu.Unlock()
+	// The install may have happened before this fault was read: wake the
+	// thread either way (it retries, and faults again if the page was
+	// taken away meanwhile).
+	if err := nd.u.Wake(uffd.Addr(nd.hostPage(idx)), PageSize); err != nil && nd.ctx.Err() == nil {
+		nd.fail(err)
+	}
+}
+
+// acquire returns once this slice holds page idx shared (or exclusive if
+// write). Concurrent acquirers of one page share one request.
+func (nd *Node) acquire(idx int, write bool) error {
+	p := &nd.pages[idx]
+	for {
+		p.mu.Lock()
+		if p.st == exclusive || !write && p.st == shared {
+			p.mu.Unlock()
+			return nil
+		}
+		if ch := p.inflight; ch != nil {
+			p.mu.Unlock()
+			select {
+			case <-ch:
+				continue
+			case <-nd.ctx.Done():
+				return nd.ctxErr()
+			}
+		}
+		ch := make(chan struct{})
+		p.inflight = ch
+		p.mu.Unlock()
+		m := Msg{Type: MsgReadReq, ReqID: nd.seq.Add(1), Page: nd.pfn(idx)}
+		if write {
+			m.Type = MsgWriteReq
+			nd.Stats.WriteFaults.Add(1)
+		} else {
+			nd.Stats.ReadFaults.Add(1)
+		}
+		nd.Stats.Requests.Add(1)
+		nd.send(nd.home(m.Page), &m)
+		select {
+		case <-ch:
+		case <-nd.ctx.Done():
+			return nd.ctxErr()
+		}
+	}
+}
+
+func (nd *Node) ctxErr() error {
+	if err := nd.Err(); err != nil {
+		return err
+	}
+	return errors.New("dsm: node closed")
+}
+
+// installLocked populates page idx with data (nil: zeros), write-protected
+// if wp. p.mu is held.
+func (nd *Node) installLocked(idx int, data []byte, wp bool) error {
+	host := nd.hostPage(idx)
+	if data == nil {
+		data = nd.zero
+	}
+	err := nd.u.Copy(uffd.Addr(host), data, wp, false)
+	if errors.Is(err, uffd.ErrExist) {
+		// Populated behind our back (should not happen): replace it.
+		nd.log.Warn("dsm: page unexpectedly present, replacing", "pfn", nd.pfn(idx))
+		if err = uffd.DropPages(host); err == nil {
+			err = nd.u.Copy(uffd.Addr(host), data, wp, false)
+		}
+	}
+	if err != nil {
+		return err
+	}
+	nd.pages[idx].mapped = true
+	return nil
+}
+
+// content returns a copy of mapped page idx's data (nil and FlagZero for
+// zeros). p.mu is held and the page is write-protected or exclusive here.
+func (nd *Node) contentLocked(idx int) ([]byte, PageFlags) {
+	if !nd.pages[idx].mapped {
+		return nil, FlagZero
+	}
+	host := nd.hostPage(idx)
+	if bytes.Equal(host, nd.zero) {
+		return nil, FlagZero
+	}
+	return append([]byte(nil), host...), FlagData
+}
+
+// Deliver handles one message (transport.Handler).
+func (nd *Node) Deliver(from int, m *Msg) {
+	if isPageMsg(m.Type) {
+		idx, ok := nd.pageIndex(m.Page)
+		if !ok {
+			nd.fail(fmt.Errorf("%w: slice %d sent %v for page %#x outside guest RAM", ErrProtocol, from, m.Type, m.Page))
+			return
+		}
+		switch m.Type {
+		case MsgReadReq, MsgWriteReq:
+			if nd.home(m.Page) != nd.id {
+				nd.fail(fmt.Errorf("%w: slice %d sent %v for page %#x homed on slice %d", ErrProtocol, from, m.Type, m.Page, nd.home(m.Page)))
+				return
+			}
+			nd.enqueue(idx, homeReq{from: from, write: m.Type == MsgWriteReq, reqID: m.ReqID})
+		case MsgFetch:
+			nd.onFetch(from, idx, m)
+		case MsgInvalidate:
+			nd.onInvalidate(from, idx, m)
+		case MsgGrant:
+			nd.onGrant(from, idx, m)
+		case MsgFetchReply, MsgInvAck:
+			r := *m
+			r.Data = append([]byte(nil), m.Data...)
+			if len(m.Data) == 0 {
+				r.Data = nil
+			}
+			nd.pmu.Lock()
+			ch := nd.pending[m.ReqID]
+			delete(nd.pending, m.ReqID)
+			nd.pmu.Unlock()
+			if ch == nil {
+				nd.fail(fmt.Errorf("%w: slice %d sent an unexpected %v (request %d)", ErrProtocol, from, m.Type, m.ReqID))
+				return
+			}
+			ch <- r
+		}
+		return
+	}
+	if nd.control != nil {
+		nd.control(from, m)
+	}
+}
+
+// PeerFailed is called by the transport when a peer is lost.
+func (nd *Node) PeerFailed(peer int, err error) { nd.fail(err) }
+
+func (nd *Node) onFetch(from, idx int, m *Msg) {
+	p := &nd.pages[idx]
+	p.mu.Lock()
+	if p.st == invalid {
+		p.mu.Unlock()
+		nd.fail(fmt.Errorf("%w: slice %d asked for page %#x, which this slice does not hold", ErrProtocol, from, m.Page))
+		return
+	}
+	if p.st == exclusive && p.mapped {
+		// Downgrade: write-protect before copying so no write is lost.
+		if err := nd.u.WriteProtect(uffd.Addr(nd.hostPage(idx)), PageSize, true, false); err != nil {
+			p.mu.Unlock()
+			nd.fail(err)
+			return
+		}
+	}
+	p.st = shared
+	data, flags := nd.contentLocked(idx)
+	p.mu.Unlock()
+	nd.Stats.Fetches.Add(1)
+	nd.send(from, &Msg{Type: MsgFetchReply, ReqID: m.ReqID, Page: m.Page, Flags: flags, Data: data})
+}
+
+func (nd *Node) onInvalidate(from, idx int, m *Msg) {
+	p := &nd.pages[idx]
+	reply := Msg{Type: MsgInvAck, ReqID: m.ReqID, Page: m.Page}
+	p.mu.Lock()
+	host := nd.hostPage(idx)
+	if m.Flags&FlagWantData != 0 {
+		if p.st == exclusive && p.mapped {
+			if err := nd.u.WriteProtect(uffd.Addr(host), PageSize, true, false); err != nil {
+				p.mu.Unlock()
+				nd.fail(err)
+				return
+			}
+		}
+		reply.Data, reply.Flags = nd.contentLocked(idx)
+	}
+	if p.mapped {
+		if err := uffd.DropPages(host); err != nil {
+			p.mu.Unlock()
+			nd.fail(err)
+			return
+		}
+		p.mapped = false
+	}
+	p.st = invalid
+	p.mu.Unlock()
+	nd.Stats.Invalidations.Add(1)
+	nd.send(from, &reply)
+}
+
+func (nd *Node) onGrant(from, idx int, m *Msg) {
+	p := &nd.pages[idx]
+	excl := m.Flags&FlagExclusive != 0
+	p.mu.Lock()
+	var err error
+	switch {
+	case m.Flags.HasContent():
+		if p.mapped {
+			if err = uffd.DropPages(nd.hostPage(idx)); err == nil {
+				p.mapped = false
+			}
+		}
+		if err == nil {
+			var data []byte // nil: zeros
+			if m.Flags&FlagData != 0 {
+				data = m.Data
+			}
+			err = nd.installLocked(idx, data, !excl)
+		}
+	case excl && p.mapped:
+		// Upgrade of our shared copy: lifting the protection wakes the
+		// threads blocked in write-protect faults.
+		err = nd.u.WriteProtect(uffd.Addr(nd.hostPage(idx)), PageSize, false, false)
+	case p.st == invalid && !excl:
+		err = fmt.Errorf("%w: slice %d granted page %#x without data to a slice holding none", ErrProtocol, from, m.Page)
+	}
+	if excl {
+		p.st = exclusive
+	} else if p.st != exclusive {
+		p.st = shared
+	}
+	ch := p.inflight
+	p.inflight = nil
+	p.mu.Unlock()
+	if ch != nil {
+		close(ch)
+	}
+	if err != nil {
+		nd.fail(err)
+	}
+}
+
+// enqueue queues a request at the page's home; requests for one page are
+// served one at a time, in arrival order, by one goroutine.
+func (nd *Node) enqueue(idx int, r homeReq) {
+	e := &nd.dir[idx]
+	e.mu.Lock()
+	if e.busy {
+		e.queue = append(e.queue, r)
+		e.mu.Unlock()
+		return
+	}
+	e.busy = true
+	e.mu.Unlock()
+	go func() {
+		for {
+			if err := nd.serve(idx, r); err != nil {
+				if nd.ctx.Err() == nil {
+					nd.fail(err)
+				}
+				return
+			}
+			e.mu.Lock()
+			if len(e.queue) == 0 {
+				e.busy = false
+				e.mu.Unlock()
+				return
+			}
+			r = e.queue[0]
+			e.queue = e.queue[1:]
+			e.mu.Unlock()
+		}
+	}()
+}
+
+// pickSource chooses the slice to copy a page from: this slice if it has
+// a copy (no network hop), else the lowest-numbered holder.
+func (nd *Node) pickSource(set uint64) int {
+	if set&(1<<nd.id) != 0 {
+		return nd.id
+	}
+	return bits.TrailingZeros64(set)
+}
+
+// serve runs one request at the page's home.
+func (nd *Node) serve(idx int, r homeReq) error {
+	e := &nd.dir[idx]
+	pfn := nd.pfn(idx)
+	bit := uint64(1) << r.from
+	grant := Msg{Type: MsgGrant, ReqID: r.reqID, Page: pfn}
+	nd.Stats.HomeServed.Add(1)
+	switch {
+	case e.writer == r.from:
+		grant.Flags = FlagExclusive // already the owner (a stale request)
+	case !r.write && e.copyset&bit != 0:
+		// Already holds a copy.
+	case !r.write:
+		src := e.writer
+		if src < 0 {
+			src = nd.pickSource(e.copyset)
+		}
+		reps, err := nd.callMany(1<<src, func(int) Msg { return Msg{Type: MsgFetch, Page: pfn} })
+		if err != nil {
+			return err
+		}
+		e.writer = -1
+		e.copyset |= bit
+		grant.Flags, grant.Data = reps[src].Flags&(FlagData|FlagZero), reps[src].Data
+	default:
+		needData := e.copyset&bit == 0
+		others := e.copyset &^ bit
+		src := -1
+		if needData {
+			src = nd.pickSource(others)
+		}
+		reps, err := nd.callMany(others, func(s int) Msg {
+			m := Msg{Type: MsgInvalidate, Page: pfn}
+			if s == src {
+				m.Flags = FlagWantData
+			}
+			return m
+		})
+		if err != nil {
+			return err
+		}
+		e.writer = r.from
+		e.copyset = bit
+		grant.Flags = FlagExclusive
+		if needData {
+			rep := reps[src]
+			if !rep.Flags.HasContent() {
+				return fmt.Errorf("%w: slice %d invalidated page %#x without sending its content", ErrProtocol, src, pfn)
+			}
+			grant.Flags |= rep.Flags & (FlagData | FlagZero)
+			grant.Data = rep.Data
+		}
+	}
+	nd.send(r.from, &grant)
+	return nil
+}
+
+// callMany sends one request to every slice in set and waits for all
+// replies.
+func (nd *Node) callMany(set uint64, mk func(slice int) Msg) (map[int]Msg, error) {
+	type call struct {
+		slice int
+		ch    chan Msg
+	}
+	var calls []call
+	for s := set; s != 0; s &= s - 1 {
+		slice := bits.TrailingZeros64(s)
+		m := mk(slice)
+		m.ReqID = nd.seq.Add(1)
+		ch := make(chan Msg, 1)
+		nd.pmu.Lock()
+		nd.pending[m.ReqID] = ch
+		nd.pmu.Unlock()
+		calls = append(calls, call{slice, ch})
+		nd.send(slice, &m)
+	}
+	out := make(map[int]Msg, len(calls))
+	for _, c := range calls {
+		select {
+		case r := <-c.ch:
+			out[c.slice] = r
+		case <-nd.ctx.Done():
+			return nil, nd.ctxErr()
+		}
+	}
+	return out, nil
+}
+
+// ReadAt reads guest memory coherently (acquiring shared copies).
+func (nd *Node) ReadAt(b []byte, off int64) (int, error) { return nd.access(b, off, false) }
+
+// WriteAt writes guest memory coherently (acquiring exclusive ownership).
+func (nd *Node) WriteAt(b []byte, off int64) (int, error) { return nd.access(b, off, true) }
+
+func (nd *Node) access(b []byte, off int64, write bool) (int, error) {
+	if off < 0 {
+		return 0, fmt.Errorf("dsm: negative guest address %d", off)
+	}
+	done := 0
+	for done < len(b) {
+		gpa := uint64(off) + uint64(done)
+		idx, host, ok := nd.locate(gpa)
+		if !ok {
+			return done, fmt.Errorf("dsm: guest address %#x is not RAM", gpa)
+		}
+		n := min(len(host), len(b)-done)
+		for {
+			if err := nd.acquire(idx, write); err != nil {
+				return done, err
+			}
+			p := &nd.pages[idx]
+			p.mu.Lock()
+			if p.st == exclusive || !write && p.st == shared {
+				// Holding p.mu keeps the copy from being invalidated while
+				// this goroutine touches it; it is populated first so the
+				// copy itself never faults.
+				if !p.mapped {
+					if err := nd.installLocked(idx, nil, p.st == shared); err != nil {
+						p.mu.Unlock()
+						return done, err
+					}
+				}
+				if write {
+					copy(host, b[done:done+n])
+				} else {
+					copy(b[done:done+n], host)
+				}
+				p.mu.Unlock()
+				break
+			}
+			p.mu.Unlock() // lost it again before copying: retry
+		}
+		done += n
+	}
+	return done, nil
+}

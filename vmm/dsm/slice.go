@@ -1,0 +1,267 @@
+package dsm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/hpcvm/hpcvm/vmm/kvm"
+	"github.com/hpcvm/hpcvm/vmm/layout"
+	"github.com/hpcvm/hpcvm/vmm/machine"
+	"github.com/hpcvm/hpcvm/vmm/memory"
+)
+
+// SliceConfig describes one slice of a distributed VM.
+type SliceConfig struct {
+	Transport TransportConfig
+	CPUs      int   // vCPUs of the whole VM
+	VCPUs     []int // vCPUs this slice runs
+	MemBytes  uint64
+	// Loader writes the boot image (on slice 0 only, before guest memory
+	// is registered) and sets up the vCPUs (on every slice).
+	Loader machine.Loader
+	// DonePort: each of this slice's vCPUs writes it once when finished.
+	// When every vCPU of every slice has, slice 0 calls Finish and stops
+	// the VM on all slices.
+	DonePort uint16
+	// Setup registers this slice's devices (e.g. report ports). g is the
+	// coherent guest memory devices must use.
+	Setup func(m *machine.Machine, g memory.Guest) error
+	// Finish runs on slice 0 once all vCPUs are done, before shutdown,
+	// with coherent access to guest memory (e.g. to read results).
+	Finish func(g memory.Guest) error
+	Logger *slog.Logger
+}
+
+// SliceResult is the outcome of RunSlice.
+type SliceResult struct {
+	Exit  machine.Exit
+	Stats StatsSnapshot
+}
+
+// StatsSnapshot is a copy of Stats.
+type StatsSnapshot struct {
+	ReadFaults, WriteFaults, Requests, HomeServed, Invalidations, Fetches int64
+}
+
+// Snapshot copies the counters.
+func (s *Stats) Snapshot() StatsSnapshot {
+	return StatsSnapshot{s.ReadFaults.Load(), s.WriteFaults.Load(), s.Requests.Load(), s.HomeServed.Load(),
+		s.Invalidations.Load(), s.Fetches.Load()}
+}
+
+// imageLoaded wraps a loader whose image is already in memory (or comes
+// from slice 0 through the protocol): only vCPU setup remains.
+type imageLoaded struct{ machine.Loader }
+
+func (imageLoaded) Load(*memory.RAM, int) error { return nil }
+
+// sliceRun is the coordination state of one slice.
+type sliceRun struct {
+	cfg  SliceConfig
+	id   int
+	n    int
+	log  *slog.Logger
+	tr   *Transport
+	node *Node
+
+	mu       sync.Mutex
+	m        *machine.Machine
+	stop     *machine.Exit // requested before the machine existed
+	done     int           // slice 0: slices whose vCPUs are done
+	acks     int           // slice 0: shutdown acks
+	finished bool
+}
+
+func (s *sliceRun) stopVM(kind machine.ExitKind, reason string, err error) {
+	s.mu.Lock()
+	m := s.m
+	if m == nil && s.stop == nil {
+		s.stop = &machine.Exit{Kind: kind, Reason: reason, Err: err}
+	}
+	s.mu.Unlock()
+	if m != nil {
+		m.Stop(kind, reason, err)
+	}
+}
+
+// RunSlice runs one slice until the VM stops everywhere (every vCPU done,
+// or a failure). A lost peer stops the VM with an error naming it.
+func RunSlice(ctx context.Context, cfg SliceConfig) (SliceResult, error) {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	s := &sliceRun{cfg: cfg, id: cfg.Transport.ID, n: len(cfg.Transport.Addrs)}
+	s.log = cfg.Logger.With("slice", s.id)
+	ram, err := memory.NewRAM(cfg.MemBytes, layout.MMIOGapStart)
+	if err != nil {
+		return SliceResult{}, err
+	}
+	defer ram.Close()
+	if s.id == 0 {
+		// Loaded before userfaultfd registration: slice 0 starts as the
+		// owner of every page.
+		if err := cfg.Loader.Load(ram, cfg.CPUs); err != nil {
+			return SliceResult{}, fmt.Errorf("dsm: slice 0 loading the guest: %w", err)
+		}
+	}
+	if s.tr, err = NewTransport(ctx, cfg.Transport); err != nil {
+		return SliceResult{}, err
+	}
+	defer s.tr.Close()
+	s.node, err = NewNode(NodeConfig{RAM: ram, Transport: s.tr, Logger: cfg.Logger, Control: s.control,
+		OnFail: func(err error) { s.stopVM(machine.ExitError, err.Error(), err) }})
+	if err != nil {
+		return SliceResult{}, err
+	}
+	defer s.node.Close()
+	m, err := machine.New(machine.Config{CPUs: cfg.CPUs, MemBytes: cfg.MemBytes, Loader: imageLoaded{cfg.Loader},
+		RAM: ram, RunVCPUs: cfg.VCPUs, Logger: cfg.Logger})
+	if err != nil {
+		return SliceResult{}, err
+	}
+	defer m.Close()
+	if err := m.IO.Register("dsm-done", uint64(cfg.DonePort), 1, &doneDev{s: s}); err != nil {
+		return SliceResult{}, err
+	}
+	if cfg.Setup != nil {
+		if err := cfg.Setup(m, s.node); err != nil {
+			return SliceResult{}, err
+		}
+	}
+	s.mu.Lock()
+	s.m = m
+	pre := s.stop
+	s.mu.Unlock()
+	if pre != nil {
+		m.Stop(pre.Kind, pre.Reason, pre.Err)
+	}
+	if len(cfg.VCPUs) == 0 {
+		s.localDone()
+	}
+	exit := m.Run(ctx)
+	if exit.Kind != machine.ExitError && exit.Kind != machine.ExitStopped {
+		if s.id != 0 {
+			// Slice 0 closes last: wait for it so our close does not look
+			// like a failure to the others.
+			s.tr.WaitPeerClosed(0, 5*time.Second)
+		}
+	} else {
+		// Stopped locally (ctx) or failed: make sure the others stop too.
+		s.tr.Close()
+	}
+	res := SliceResult{Exit: exit, Stats: s.node.Stats.Snapshot()}
+	if err := s.node.Err(); err != nil {
+		return res, err
+	}
+	if exit.Kind == machine.ExitError {
+		return res, fmt.Errorf("slice %d: %s: %w", s.id, exit.Reason, exit.Err)
+	}
+	return res, nil
+}
+
+// doneDev counts this slice's vCPUs reaching the done port.
+type doneDev struct {
+	s     *sliceRun
+	mu    sync.Mutex
+	count int
+}
+
+func (d *doneDev) Read(uint64, []byte) {}
+func (d *doneDev) Write(uint64, []byte) {
+	d.mu.Lock()
+	d.count++
+	last := d.count == len(d.s.cfg.VCPUs)
+	d.mu.Unlock()
+	if last {
+		d.s.localDone()
+	}
+}
+
+func (s *sliceRun) localDone() {
+	s.log.Debug("dsm slice vCPUs done")
+	go s.node.send(0, &Msg{Type: MsgDone})
+}
+
+// control handles done/shutdown messages (on a reader goroutine).
+func (s *sliceRun) control(from int, m *Msg) {
+	switch m.Type {
+	case MsgDone:
+		if s.id != 0 {
+			s.node.fail(fmt.Errorf("%w: slice %d sent done to slice %d", ErrProtocol, from, s.id))
+			return
+		}
+		s.mu.Lock()
+		s.done++
+		all := s.done == s.n
+		s.mu.Unlock()
+		if all {
+			go s.finish()
+		}
+	case MsgShutdown:
+		s.tr.SetClosing()
+		s.node.send(0, &Msg{Type: MsgShutdownAck})
+		if m.Code != 0 {
+			err := errors.New(m.Text)
+			s.stopVM(machine.ExitError, "slice 0: "+m.Text, err)
+		} else {
+			s.stopVM(machine.ExitPoweroff, m.Text, nil)
+		}
+	case MsgShutdownAck:
+		s.mu.Lock()
+		s.acks++
+		all := s.acks == s.n-1
+		s.mu.Unlock()
+		if all {
+			s.stopVM(machine.ExitPoweroff, "all slices done", nil)
+		}
+	default:
+		s.node.fail(fmt.Errorf("%w: unexpected %v from slice %d", ErrProtocol, m.Type, from))
+	}
+}
+
+// finish runs on slice 0 when every vCPU is done: read results, then stop
+// every slice (two phases, so no slice mistakes an orderly close for a
+// failure).
+func (s *sliceRun) finish() {
+	var ferr error
+	if s.cfg.Finish != nil {
+		ferr = s.cfg.Finish(s.node)
+	}
+	msg := Msg{Type: MsgShutdown, Text: "all slices done"}
+	if ferr != nil {
+		msg.Code, msg.Text = 1, ferr.Error()
+	}
+	if s.n == 1 {
+		s.stopFinished(ferr)
+		return
+	}
+	s.tr.SetClosing()
+	for j := 1; j < s.n; j++ {
+		s.node.send(j, &msg)
+	}
+	if ferr != nil {
+		s.stopFinished(ferr)
+	}
+}
+
+func (s *sliceRun) stopFinished(ferr error) {
+	if ferr != nil {
+		s.stopVM(machine.ExitError, "finish: "+ferr.Error(), ferr)
+		return
+	}
+	s.stopVM(machine.ExitPoweroff, "all slices done", nil)
+}
+
+// kvmAvailable reports whether /dev/kvm can be opened (for callers that
+// want to skip rather than fail).
+func kvmAvailable() error {
+	s, err := kvm.Open()
+	if err != nil {
+		return err
+	}
+	return s.Close()
+}

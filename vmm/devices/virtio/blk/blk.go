@@ -155,6 +155,8 @@ func (b *Blk) Activate(env *virtio.Env) error {
 	defer b.mu.Unlock()
 	b.env = env
 	b.w = virtio.StartWorker(b.process)
+	// After a restore, requests may already be waiting without a new kick.
+	b.w.Kick()
 	return nil
 }
 

@@ -491,15 +491,27 @@ func (q *Queue) Wait(timeout time.Duration) (*Used, error) {
 	}
 }
 
-// WaitInterrupt waits for the next interrupt of any kind.
-func (d *Driver) WaitInterrupt(timeout time.Duration) error {
-	d.mu.Lock()
-	wake := d.wake
-	d.mu.Unlock()
-	select {
-	case <-wake:
-		return nil
-	case <-time.After(timeout):
-		return fmt.Errorf("virtiotest: no interrupt within %v", timeout)
+// WaitFor re-evaluates cond after every interrupt until it holds; it fails
+// after timeout (DefaultTimeout if zero).
+func (d *Driver) WaitFor(cond func() bool, timeout time.Duration) error {
+	if timeout == 0 {
+		timeout = DefaultTimeout
+	}
+	deadline := time.NewTimer(timeout)
+	defer deadline.Stop()
+	for {
+		// Take the wake channel before testing, so an interrupt handled in
+		// between still wakes us.
+		d.mu.Lock()
+		wake := d.wake
+		d.mu.Unlock()
+		if cond() {
+			return nil
+		}
+		select {
+		case <-wake:
+		case <-deadline.C:
+			return fmt.Errorf("virtiotest: condition not met within %v (status %#x)", timeout, d.Status())
+		}
 	}
 }

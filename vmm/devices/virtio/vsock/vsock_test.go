@@ -517,3 +517,51 @@ func TestNewErrors(t *testing.T) {
 		}
 	}
 }
+
+func TestHalfClose(t *testing.T) {
+	g, path := newGuest(t, Config{})
+	ln, err := net.Listen("unix", path+"_5003")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	g.send(Header{SrcPort: 9100, DstPort: 5003, Op: OpRequest, BufAlloc: 64 << 10}, nil)
+	g.recvOp(OpResponse)
+	hc, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hc.Close()
+	hc.SetDeadline(time.Now().Add(virtiotest.DefaultTimeout))
+
+	// Guest: write, then shutdown(SHUT_WR). The host reads data then EOF.
+	g.send(Header{SrcPort: 9100, DstPort: 5003, Op: OpRW, BufAlloc: 64 << 10}, []byte("abc"))
+	g.send(Header{SrcPort: 9100, DstPort: 5003, Op: OpShutdown, Flags: ShutdownSend, BufAlloc: 64 << 10}, nil)
+	got, err := io.ReadAll(hc)
+	if err != nil || string(got) != "abc" {
+		t.Fatalf("host read %q, %v; want abc then EOF", got, err)
+	}
+	// The other direction still works; the host's half-close completes
+	// the connection and the device resets it.
+	hc.Write([]byte("xyz"))
+	hc.(*net.UnixConn).CloseWrite()
+	if _, p := g.recvOp(OpRW); string(p) != "xyz" {
+		t.Errorf("guest got %q, want xyz", p)
+	}
+	if h, _ := g.recvOp(OpShutdown); h.Flags != ShutdownSend {
+		t.Errorf("shutdown flags %d, want SEND", h.Flags)
+	}
+	g.recvOp(OpRst)
+}
+
+func TestConnectBeforeDriverReady(t *testing.T) {
+	g, path := newGuest(t, Config{})
+	g.d.Write32(virtiotest.RegStatus, 0) // driver gone
+	_, br := dialHybrid(t, path, 22)
+	if got, err := io.ReadAll(br); err != nil || len(got) != 0 {
+		t.Errorf("device answered %q, %v; want a plain close", got, err)
+	}
+	if !strings.Contains(g.log.String(), "not ready") {
+		t.Error("refusal not logged")
+	}
+}

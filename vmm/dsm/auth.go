@@ -17,6 +17,7 @@ const (
 	CodeAuth     = 1 // authentication failed
 	CodeProtocol = 2 // malformed or unexpected frame
 	CodeRefused  = 3 // well-formed but not acceptable (wrong VM, slice id, duplicate)
+	CodePeerLost = 4 // the sender lost another slice and is stopping the VM
 )
 
 // ErrAuth reports a failed handshake.

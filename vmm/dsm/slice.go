@@ -18,7 +18,7 @@ import (
 type SliceConfig struct {
 	Transport TransportConfig
 	CPUs      int   // vCPUs of the whole VM
-	VCPUs     []int // vCPUs this slice runs
+	VCPUs     []int // vCPUs this slice runs (nil or empty: none)
 	MemBytes  uint64
 	// Loader writes the boot image (on slice 0 only, before guest memory
 	// is registered) and sets up the vCPUs (on every slice).
@@ -118,8 +118,9 @@ func RunSlice(ctx context.Context, cfg SliceConfig) (SliceResult, error) {
 		return SliceResult{}, err
 	}
 	defer s.node.Close()
+	run := append([]int{}, cfg.VCPUs...) // non-nil: machine treats nil as "all vCPUs"
 	m, err := machine.New(machine.Config{CPUs: cfg.CPUs, MemBytes: cfg.MemBytes, Loader: imageLoaded{cfg.Loader},
-		RAM: ram, RunVCPUs: cfg.VCPUs, Logger: cfg.Logger})
+		RAM: ram, RunVCPUs: run, Logger: cfg.Logger})
 	if err != nil {
 		return SliceResult{}, err
 	}

@@ -282,6 +282,13 @@ func (t *Transport) fail(j int, err error) {
 		return
 	}
 	t.log.Error("dsm peer failed", "peer", j, "err", err)
+	// Tell the others why, so their errors name the slice that was lost
+	// rather than this one closing.
+	for _, p := range t.peers {
+		if p != nil && p.id != j {
+			t.sendPeer(p, &Msg{Type: MsgError, Code: CodePeerLost, Text: err.Error()})
+		}
+	}
 	if t.h != nil {
 		t.h.PeerFailed(j, err)
 	}

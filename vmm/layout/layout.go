@@ -49,11 +49,16 @@ const (
 	I8042DataPort    = 0x60
 	I8042CommandPort = 0x64
 
-	// ACPI hardware-reduced sleep/reset registers (FADT generic addresses).
-	ACPISleepControlPort = 0x600 // SLP_TYPx<<2 | SLP_EN (bit 5)
-	ACPISleepStatusPort  = 0x601
-	ACPIResetPort        = 0x602
-	ACPIResetValue       = 0x01
+	// ACPI fixed-hardware power management registers (FADT). hpcvm uses
+	// full (not hardware-reduced) ACPI: in hardware-reduced mode Linux
+	// drops the legacy PIC and with it the mapping of ISA IRQs 0-15, which
+	// the serial port and the command-line virtio-mmio devices use.
+	ACPIPM1aEventPort   = 0x600 // PM1a_EVT_BLK: status (2 bytes), enable (2 bytes)
+	ACPIPM1aEventLen    = 4
+	ACPIPM1aControlPort = 0x604 // PM1a_CNT_BLK: SCI_EN bit 0, SLP_TYP bits 10-12, SLP_EN bit 13
+	ACPIPM1aControlLen  = 2
+	ACPIResetPort       = 0x608
+	ACPIResetValue      = 0x01
 	ACPISCIIRQ           = 9
 	ACPIS5SleepType      = 5 // value of \_S5_ in the DSDT
 

@@ -18,7 +18,7 @@ func attachPlatform(m *machine.Machine, d *devices, cfg *Config) error {
 	poweroff := func() { m.Stop(machine.ExitPoweroff, "guest powered off", nil) }
 	reset := func() { m.Stop(machine.ExitReset, "guest requested a reset (reboot)", nil) }
 	pm := acpipm.New(poweroff, reset, cfg.Logger)
-	if err := m.IO.Register("acpi-pm", layout.ACPISleepControlPort, acpipm.Size, pm); err != nil {
+	if err := m.IO.Register("acpi-pm", layout.ACPIPM1aEventPort, acpipm.Size, pm); err != nil {
 		return err
 	}
 	data, cmd := i8042.New(reset, cfg.Logger).Ports()

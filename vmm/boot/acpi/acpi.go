@@ -63,8 +63,13 @@ func Build(cfg Config, base uint64) ([]byte, error) {
 		return addr
 	}
 	blob = make([]byte, rsdpSize)
+	for len(blob)%64 != 0 { // the FACS must be 64-byte aligned
+		blob = append(blob, 0)
+	}
+	facsAddr := base + uint64(len(blob))
+	blob = append(blob, facs()...)
 	dsdtAddr := place(dsdt)
-	fadtAddr := place(fadt(cfg.Legacy, dsdtAddr))
+	fadtAddr := place(fadt(cfg.Legacy, dsdtAddr, facsAddr))
 	madtAddr := place(madt)
 	tables := []uint64{fadtAddr, madtAddr}
 	xsdtAddr := place(xsdt(tables))
@@ -151,6 +156,23 @@ const (
 )
 
 // gas encodes a Generic Address Structure for a byte-wide I/O port.
+// gasWidth writes a SystemIO generic address of the given bit width.
+func gasWidth(b []byte, port uint16, bits, access uint8) {
+	gas(b, port)
+	b[1] = bits
+	b[3] = access
+}
+
+// facs is the Firmware ACPI Control Structure that full (non-reduced) ACPI
+// requires; hpcvm has no firmware waking vector or global lock to offer.
+func facs() []byte {
+	b := make([]byte, facsSize)
+	copy(b, "FACS")
+	binary.LittleEndian.PutUint32(b[4:], facsSize)
+	b[32] = facsVersion
+	return b
+}
+
 func gas(b []byte, port uint16) {
 	b[0] = gasSystemIO
 	b[1] = 8 // register bit width
@@ -169,8 +191,17 @@ const (
 	fadtResetValue    = 128
 	fadtMinorVersion  = 131
 	fadtXDSDT         = 140
-	fadtSleepControl  = 244
-	fadtSleepStatus   = 256
+	fadtFirmwareCtrl  = 36
+	fadtPM1aEvtBlk    = 56
+	fadtPM1aCntBlk    = 64
+	fadtPM1EvtLen     = 88
+	fadtPM1CntLen     = 89
+	fadtXFirmwareCtrl = 132
+	fadtXPM1aEvtBlk   = 148
+	fadtXPM1aCntBlk   = 172
+	facsSize          = 64
+	facsVersion       = 2
+	gasWordAccess     = 2
 	fadtHypervisorID  = 268
 	fadtRevision      = 6
 	fadtMinorRevision = 5
@@ -185,7 +216,7 @@ const (
 // fadt is a hardware-reduced FADT: no PM1/GPE blocks, no FACS; sleep and
 // reset go through the extended sleep control/status and reset registers,
 // all I/O ports the VMM traps.
-func fadt(legacy Legacy, dsdtAddr uint64) []byte {
+func fadt(legacy Legacy, dsdtAddr, facsAddr uint64) []byte {
 	b := make([]byte, fadtSize)
 	binary.LittleEndian.PutUint32(b[fadtDSDT:], uint32(dsdtAddr))
 	binary.LittleEndian.PutUint16(b[fadtSCIInt:], layout.ACPISCIIRQ)
@@ -197,13 +228,22 @@ func fadt(legacy Legacy, dsdtAddr uint64) []byte {
 		arch |= bootArchNoCMOS
 	}
 	binary.LittleEndian.PutUint16(b[fadtIAPCBootArch:], arch)
-	binary.LittleEndian.PutUint32(b[fadtFlags:], flagHWReducedACP|flagResetRegSup)
+	// Full (not hardware-reduced) ACPI: Linux keeps the legacy PIC and
+	// the ISA IRQ mappings the serial port and virtio-mmio devices need.
+	// SMI_CMD = 0 means the machine is always in ACPI mode.
+	binary.LittleEndian.PutUint32(b[fadtFlags:], flagResetRegSup)
+	binary.LittleEndian.PutUint32(b[fadtFirmwareCtrl:], uint32(facsAddr))
+	binary.LittleEndian.PutUint64(b[fadtXFirmwareCtrl:], facsAddr)
+	binary.LittleEndian.PutUint32(b[fadtPM1aEvtBlk:], layout.ACPIPM1aEventPort)
+	binary.LittleEndian.PutUint32(b[fadtPM1aCntBlk:], layout.ACPIPM1aControlPort)
+	b[fadtPM1EvtLen] = layout.ACPIPM1aEventLen
+	b[fadtPM1CntLen] = layout.ACPIPM1aControlLen
+	gasWidth(b[fadtXPM1aEvtBlk:], layout.ACPIPM1aEventPort, 8*layout.ACPIPM1aEventLen, gasWordAccess)
+	gasWidth(b[fadtXPM1aCntBlk:], layout.ACPIPM1aControlPort, 8*layout.ACPIPM1aControlLen, gasWordAccess)
 	gas(b[fadtResetReg:], layout.ACPIResetPort)
 	b[fadtResetValue] = layout.ACPIResetValue
 	b[fadtMinorVersion] = fadtMinorRevision
 	binary.LittleEndian.PutUint64(b[fadtXDSDT:], dsdtAddr)
-	gas(b[fadtSleepControl:], layout.ACPISleepControlPort)
-	gas(b[fadtSleepStatus:], layout.ACPISleepStatusPort)
 	copy(b[fadtHypervisorID:], "HPCVM")
 	return table("FACP", fadtRevision, b[headerSize:])
 }

@@ -59,8 +59,8 @@ const (
 	ACPIPM1aControlLen  = 2
 	ACPIResetPort       = 0x608
 	ACPIResetValue      = 0x01
-	ACPISCIIRQ           = 9
-	ACPIS5SleepType      = 5 // value of \_S5_ in the DSDT
+	ACPISCIIRQ          = 9
+	ACPIS5SleepType     = 5 // value of \_S5_ in the DSDT
 
 	VirtioIRQBase = 5 // GSIs 5..12; 9 is skipped (SCI)
 )

@@ -295,7 +295,12 @@ func (nd *Node) faultLoop() {
 				nd.fail(fmt.Errorf("dsm: fault outside guest RAM: %v", ev))
 				return
 			}
-			go nd.handleFault(idx, ev.Write() || ev.WP())
+			if err := nd.onFault(idx, ev.Write() || ev.WP()); err != nil {
+				if nd.ctx.Err() == nil {
+					nd.fail(err)
+				}
+				return
+			}
 		}
 	}
 }
@@ -310,26 +315,45 @@ func (nd *Node) hostIndex(addr uint64) (int, bool) {
 	return 0, false
 }
 
-func (nd *Node) handleFault(idx int, write bool) {
-	if err := nd.acquire(idx, write); err != nil {
-		return // failing: closing the userfaultfd releases the thread
-	}
+// onFault handles one fault without blocking: if the page is already
+// accessible it is populated (if needed) and the thread woken; otherwise
+// a request goes to the page's home (unless one is in flight) and the
+// grant's installation wakes the thread. A thread that wanted more than
+// the grant gave (a write after a read grant) faults again.
+func (nd *Node) onFault(idx int, write bool) error {
 	p := &nd.pages[idx]
 	p.mu.Lock()
-	if p.st != invalid && !p.mapped {
-		if err := nd.installLocked(idx, nil, p.st == shared); err != nil {
-			p.mu.Unlock()
-			nd.fail(err)
-			return
+	if p.st == exclusive || !write && p.st == shared {
+		var err error
+		if !p.mapped {
+			err = nd.installLocked(idx, nil, p.st == shared)
 		}
+		p.mu.Unlock()
+		if err != nil {
+			return err
+		}
+		return nd.u.Wake(uffd.Addr(nd.hostPage(idx)), PageSize)
 	}
+	if p.inflight != nil {
+		p.mu.Unlock()
+		return nil
+	}
+	p.inflight = make(chan struct{})
 	p.mu.Unlock()
-	// The install may have happened before this fault was read: wake the
-	// thread either way (it retries, and faults again if the page was
-	// taken away meanwhile).
-	if err := nd.u.Wake(uffd.Addr(nd.hostPage(idx)), PageSize); err != nil && nd.ctx.Err() == nil {
-		nd.fail(err)
+	nd.request(idx, write)
+	return nil
+}
+
+func (nd *Node) request(idx int, write bool) {
+	m := Msg{Type: MsgReadReq, ReqID: nd.seq.Add(1), Page: nd.pfn(idx)}
+	if write {
+		m.Type = MsgWriteReq
+		nd.Stats.WriteFaults.Add(1)
+	} else {
+		nd.Stats.ReadFaults.Add(1)
 	}
+	nd.Stats.Requests.Add(1)
+	nd.send(nd.home(m.Page), &m)
 }
 
 // acquire returns once this slice holds page idx shared (or exclusive if
@@ -354,15 +378,7 @@ func (nd *Node) acquire(idx int, write bool) error {
 		ch := make(chan struct{})
 		p.inflight = ch
 		p.mu.Unlock()
-		m := Msg{Type: MsgReadReq, ReqID: nd.seq.Add(1), Page: nd.pfn(idx)}
-		if write {
-			m.Type = MsgWriteReq
-			nd.Stats.WriteFaults.Add(1)
-		} else {
-			nd.Stats.ReadFaults.Add(1)
-		}
-		nd.Stats.Requests.Add(1)
-		nd.send(nd.home(m.Page), &m)
+		nd.request(idx, write)
 		select {
 		case <-ch:
 		case <-nd.ctx.Done():
@@ -535,7 +551,7 @@ func (nd *Node) onGrant(from, idx int, m *Msg) {
 		// Upgrade of our shared copy: lifting the protection wakes the
 		// threads blocked in write-protect faults.
 		err = nd.u.WriteProtect(uffd.Addr(nd.hostPage(idx)), PageSize, false, false)
-	case p.st == invalid && !excl:
+	case p.st == invalid:
 		err = fmt.Errorf("%w: slice %d granted page %#x without data to a slice holding none", ErrProtocol, from, m.Page)
 	}
 	if excl {
@@ -543,13 +559,21 @@ func (nd *Node) onGrant(from, idx int, m *Msg) {
 	} else if p.st != exclusive {
 		p.st = shared
 	}
+	if err == nil && !p.mapped {
+		err = nd.installLocked(idx, nil, p.st == shared) // valid zero page
+	}
 	ch := p.inflight
 	p.inflight = nil
 	p.mu.Unlock()
 	if ch != nil {
 		close(ch)
 	}
-	if err != nil {
+	if err == nil {
+		// Copy and lifting protection wake the faulting threads already;
+		// this covers grants that changed nothing.
+		err = nd.u.Wake(uffd.Addr(nd.hostPage(idx)), PageSize)
+	}
+	if err != nil && nd.ctx.Err() == nil {
 		nd.fail(err)
 	}
 }
@@ -566,6 +590,25 @@ func (nd *Node) enqueue(idx int, r homeReq) {
 	}
 	e.busy = true
 	e.mu.Unlock()
+	if nd.localOnly(e, r) {
+		// Common case: no remote slice to wait for, so serve on this
+		// (reader) goroutine and save a goroutine handoff.
+		if err := nd.serve(idx, r); err != nil {
+			if nd.ctx.Err() == nil {
+				nd.fail(err)
+			}
+			return
+		}
+		e.mu.Lock()
+		if len(e.queue) == 0 {
+			e.busy = false
+			e.mu.Unlock()
+			return
+		}
+		r = e.queue[0]
+		e.queue = e.queue[1:]
+		e.mu.Unlock()
+	}
 	go func() {
 		for {
 			if err := nd.serve(idx, r); err != nil {
@@ -585,6 +628,21 @@ func (nd *Node) enqueue(idx int, r homeReq) {
 			e.mu.Unlock()
 		}
 	}()
+}
+
+// localOnly reports whether serving r needs no reply from another slice.
+// Only the goroutine owning the busy entry calls it.
+func (nd *Node) localOnly(e *dirEntry, r homeReq) bool {
+	self := uint64(1) << nd.id
+	bit := uint64(1) << r.from
+	switch {
+	case e.writer == r.from, !r.write && e.copyset&bit != 0:
+		return true
+	case !r.write:
+		return e.writer == nd.id || e.writer < 0 && e.copyset&self != 0
+	default:
+		return e.copyset&^bit&^self == 0
+	}
 }
 
 // pickSource chooses the slice to copy a page from: this slice if it has

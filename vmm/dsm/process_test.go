@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"sort"
 	"strings"
 	"syscall"
@@ -58,6 +59,9 @@ func childMain(specJSON string) int {
 		return 2
 	}
 	lg := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	// vCPU threads sit in KVM_RUN and the fault reader in poll(2), each
+	// holding a P until sysmon takes it back: leave Ps for the protocol.
+	runtime.GOMAXPROCS(max(runtime.NumCPU(), len(spec.VCPUs)) + 4)
 	ln, err := net.FileListener(os.NewFile(3, "listener"))
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "slice %d: inherited listener: %v\n", spec.ID, err)

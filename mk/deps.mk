@@ -15,3 +15,8 @@ $(DEPS_STAMP):
 	fi
 	$(GO) mod download
 	@mkdir -p $(dir $@) && touch $@
+
+# demo: the README's main job (see test/demo).
+.PHONY: demo
+demo: deps build node-assets guest-kernel guest-initramfs
+	$(GO) run ./test/demo --hpcvm $(BIN)/hpcvm

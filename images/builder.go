@@ -246,47 +246,65 @@ func checkAgent(path string) (string, error) {
 }
 
 // runCmd runs a host command with its output appended to the build log. It
-// runs in its own process group (killed as a whole on cancellation), dies
-// with the builder (Pdeathsig), and with privateMounts in a private mount
-// namespace: mounts it makes vanish when it exits, even if it is killed.
-func runCmd(ctx context.Context, env *BuildEnv, privateMounts bool, extraEnv []string, argv ...string) error {
+// runs in its own process group (killed as a whole on cancellation) and
+// gets SIGKILL if the builder dies (Pdeathsig).
+//
+// With isolate (needs root) it also runs in new PID and mount namespaces,
+// under a shell that stays PID 1 there: mounts made inside vanish when the
+// namespace ends, and when that shell dies - cancellation, or Pdeathsig
+// after the builder was SIGKILLed - the kernel kills every process in the
+// namespace. Pdeathsig alone is not enough: it is cleared in a process that
+// changes its credentials, which apt and dpkg do, so they would outlive a
+// killed builder and keep writing into a build directory being removed.
+func runCmd(ctx context.Context, env *BuildEnv, isolate bool, display string, argv ...string) error {
 	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
 	cmd.Stdout = env.Log
 	cmd.Stderr = env.Log
-	cmd.Env = append([]string{
+	cmd.Env = []string{
 		"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
 		"LC_ALL=C", "LANG=C", "HOME=/root", "DEBIAN_FRONTEND=noninteractive",
-	}, extraEnv...)
+	}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	if privateMounts {
-		// Go makes / recursively private in the child before exec.
+	if isolate {
+		cmd.SysProcAttr.Cloneflags = syscall.CLONE_NEWPID
+		// Unshareflags, not Cloneflags: then Go also makes / recursively
+		// private in the child, so no mount propagates to the host.
 		cmd.SysProcAttr.Unshareflags = syscall.CLONE_NEWNS
 	}
 	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
 	cmd.WaitDelay = 10 * time.Second
-	fmt.Fprintf(env.Log, "+ %s\n", strings.Join(argv, " "))
+	if display == "" {
+		display = strings.Join(argv, " ")
+	}
+	fmt.Fprintf(env.Log, "+ %s\n", display)
 	if err := cmd.Run(); err != nil {
-		return fmt.Errorf("%s: %w", strings.Join(argv, " "), err)
+		return fmt.Errorf("%s: %w", display, err)
 	}
 	return nil
 }
 
 // chrootScript mounts /proc, /sys and /dev into the tree and runs the
-// command chrooted; it runs in a private mount namespace (runCmd), so the
-// mounts are torn down by the kernel when it exits, however it exits.
+// command chrooted. It runs isolated (runCmd), so the kernel tears the
+// mounts down when it exits, however it exits. No exec and a trailing exit:
+// the shell must stay PID 1 of the namespace (see runCmd).
 const chrootScript = `set -e
 root=$1; shift
 mount -t proc proc "$root/proc"
 mount -t sysfs sysfs "$root/sys"
 mount --rbind /dev "$root/dev"
-exec chroot "$root" "$@"`
+chroot "$root" "$@"
+exit $?`
+
+// pid1Script runs a command under a shell that stays PID 1 (see runCmd).
+const pid1Script = `"$@"
+exit $?`
 
 // Chroot runs argv inside the image's root filesystem.
 func (env *BuildEnv) Chroot(ctx context.Context, argv ...string) error {
-	return runCmd(ctx, env, true, nil, append([]string{"/bin/sh", "-c", chrootScript, "sh", env.Rootfs}, argv...)...)
+	return runCmd(ctx, env, true, "chroot "+strings.Join(argv, " "), append([]string{"/bin/sh", "-c", chrootScript, "sh", env.Rootfs}, argv...)...)
 }
 
 // Run runs a host command, its output going to the build log.
 func (env *BuildEnv) Run(ctx context.Context, argv ...string) error {
-	return runCmd(ctx, env, false, nil, argv...)
+	return runCmd(ctx, env, false, "", argv...)
 }

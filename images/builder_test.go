@@ -268,3 +268,61 @@ func killedBuildHelper() {
 	}})}
 	b.Build(context.Background(), def, BuildOptions{Force: true})
 }
+
+// TestIsolatedCommandsDieWithBuilder SIGKILLs a process running an isolated
+// command whose own child (a grandchild, which Pdeathsig does not cover)
+// must die too: the PID namespace takes it down.
+func TestIsolatedCommandsDieWithBuilder(t *testing.T) {
+	if os.Getenv("HPCVM_TEST_ISOLATE_HELPER") != "" {
+		env := &BuildEnv{Log: os.Stderr}
+		runCmd(context.Background(), env, true, "", "/bin/sh", "-c", pid1Script, "sh", "sh", "-c", "sleep 987654 & wait")
+		return
+	}
+	if os.Getuid() != 0 {
+		t.Skip("isolated commands need root (PID and mount namespaces)")
+	}
+	cmd := exec.Command(os.Args[0], "-test.run=^TestIsolatedCommandsDieWithBuilder$")
+	cmd.Env = append(os.Environ(), "HPCVM_TEST_ISOLATE_HELPER=1")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer cmd.Process.Kill()
+	var pid int
+	for i := 0; pid == 0; i++ {
+		if i > 6000 {
+			t.Fatal("the grandchild never started")
+		}
+		pid = findProc("sleep\x00987654\x00")
+		time.Sleep(10 * time.Millisecond)
+	}
+	cmd.Process.Signal(syscall.SIGKILL)
+	cmd.Wait()
+	for i := 0; findProc("sleep\x00987654\x00") != 0; i++ {
+		if i > 6000 {
+			t.Fatalf("grandchild %d outlived the killed builder", pid)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// findProc returns the pid of a live (not zombie) process with this
+// cmdline, or 0.
+func findProc(cmdline string) int {
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		var pid int
+		if _, err := fmt.Sscan(e.Name(), &pid); err != nil {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if err != nil || string(b) != cmdline {
+			continue
+		}
+		st, _ := os.ReadFile(filepath.Join("/proc", e.Name(), "stat"))
+		if strings.Contains(string(st), ") Z ") {
+			continue
+		}
+		return pid
+	}
+	return 0
+}

@@ -52,9 +52,9 @@ func stageDebootstrap(ctx context.Context, env *BuildEnv) error {
 		args = append(args, "--cache-dir="+dir)
 	}
 	args = append(args, b.Suite, env.Rootfs, b.Mirror)
-	// debootstrap mounts /proc and /sys in the target itself; in a private
-	// mount namespace a kill cannot leave them mounted.
-	return runCmd(ctx, env, true, nil, args...)
+	// debootstrap mounts /proc and /sys in the target itself; isolated, a
+	// kill can leave neither mounts nor processes behind.
+	return runCmd(ctx, env, true, strings.Join(args, " "), append([]string{"/bin/sh", "-c", pid1Script, "sh"}, args...)...)
 }
 
 // write creates a file in the rootfs (parents 0755).

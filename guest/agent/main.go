@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"github.com/mdlayher/vsock"
+	"golang.org/x/sys/unix"
 
 	"github.com/hpcvm/hpcvm/guest/agent/proto"
 	"github.com/hpcvm/hpcvm/guest/agent/server"
@@ -88,7 +89,9 @@ func listenWithRetry(ctx context.Context, log *slog.Logger, addr string, port ui
 	delay := 100 * time.Millisecond
 	deadline := time.Now().Add(60 * time.Second)
 	for {
-		l, err := vsock.Listen(port, nil)
+		// CID_ANY: no need for /dev/vsock to learn our own CID, and the
+		// VMM may renumber the guest (e.g. after a restore).
+		l, err := vsock.ListenContextID(unix.VMADDR_CID_ANY, port, nil)
 		if err == nil {
 			return l, nil
 		}

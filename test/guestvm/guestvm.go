@@ -44,7 +44,7 @@ func FindArtifacts() Artifacts {
 		BzImage:       filepath.Join(dir, "bzImage"),
 		Vmlinux:       filepath.Join(dir, "vmlinux"),
 		CloudKernel:   filepath.Join(dir, "cloud", "vmlinuz"),
-		CloudInitrd:   filepath.Join(dir, "cloud", "initramfs"),
+		CloudInitrd:   filepath.Join(dir, "cloud", "initramfs.cpio.gz"),
 		TestInitramfs: filepath.Join(dir, "test-initramfs.cpio.gz"),
 	}
 }
@@ -63,6 +63,20 @@ func Need(t testing.TB, files ...string) {
 		}
 	}
 }
+
+// The test initramfs protocol (guest/initramfs/init, docs/guest.md): /init
+// reads hpcvm.KEY=VALUE from the kernel command line and prints
+// "HPCVM key=value" lines on the console.
+const (
+	// UserspaceMarker is the first console line /init prints for every
+	// guest kernel (the cloud kernel's initramfs prints "HPCVM modules=" first
+	// only after inserting modules, so this line is comparable across VMMs).
+	UserspaceMarker = "HPCVM kernel="
+	// BaseCmdline goes first on every guest command line.
+	BaseCmdline = "console=ttyS0 panic=-1"
+	// BenchCmdline boots, prints the facts and powers off at once.
+	BenchCmdline = BaseCmdline + " quiet hpcvm.disk=off"
+)
 
 // HPCVMBin is $HPCVM_BIN or <module root>/bin/hpcvm.
 func HPCVMBin() string {
@@ -206,7 +220,7 @@ func (r Runner) Run(ctx context.Context, vm VM, vmm VMM, marker string) (Run, er
 	res, err := p.Wait(ctx)
 	run, perr := Parse(res)
 	if err != nil {
-		return run, fmt.Errorf("%s: %w\nconsole:\n%s\nstderr:\n%s", vmm, err, tail(run.Console, 40), tail(run.Stderr, 20))
+		return run, fmt.Errorf("%s: %w\nconsole:\n%s\nstderr:\n%s", vmm, err, Tail(run.Console, 40), Tail(run.Stderr, 20))
 	}
 	return run, perr
 }
@@ -234,7 +248,7 @@ func Parse(res virtnode.Result) (Run, error) {
 	return run, nil
 }
 
-func tail(s string, lines int) string {
+func Tail(s string, lines int) string {
 	parts := strings.Split(strings.TrimRight(s, "\n"), "\n")
 	if len(parts) > lines {
 		parts = parts[len(parts)-lines:]

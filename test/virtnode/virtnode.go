@@ -356,6 +356,11 @@ func (c *Cluster) startNode(n *Node, a Assets, agent string) error {
 	appendLine := []string{"console=ttyS0", "panic=-1", "quiet",
 		"vn.name=" + n.Name, fmt.Sprintf("vn.ip=%s/%d", n.IP, subnetBits),
 		"vn.agent=" + agent, "vn.ctl=" + n.ctl, "vn.shares=" + strings.Join(shares, ",")}
+	if khz := hostTSCkHz(); khz > 0 {
+		// TCG's TSC runs at the host rate; calibrating it against the PIT
+		// fails on a loaded host and the boot then crawls.
+		appendLine = append(appendLine, fmt.Sprintf("tsc_early_khz=%d", khz))
+	}
 	if a.ModDir != "" {
 		appendLine = append(appendLine, "vn.moddir="+a.ModDir)
 	}
@@ -384,6 +389,23 @@ func (c *Cluster) startNode(n *Node, a Assets, agent string) error {
 	}()
 	n.started = start
 	return nil
+}
+
+// hostTSCkHz is the host CPU clock from /proc/cpuinfo, or 0.
+func hostTSCkHz() int {
+	b, err := os.ReadFile("/proc/cpuinfo")
+	if err != nil {
+		return 0
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if k, v, ok := strings.Cut(l, ":"); ok && strings.TrimSpace(k) == "cpu MHz" {
+			mhz, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
+			if err == nil && mhz > 0 {
+				return int(mhz * 1000)
+			}
+		}
+	}
+	return 0
 }
 
 func (n *Node) waitReady(ctx context.Context) error {

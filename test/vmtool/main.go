@@ -9,10 +9,11 @@
 //	    exit status, and the VMM's memory (peak RSS from rusage, and the
 //	    peak resident memory outside the guest-RAM mapping sampled from
 //	    /proc/PID/smaps).
-//	vmtool vsock -sock SOCKET -port P -msg M [-timeout D]
+//	vmtool vsock -sock SOCKET -port P -msg M [-lines N] [-timeout D]
 //	    Host side of a hybrid vsock (Firecracker protocol): connects to
 //	    SOCKET, writes "CONNECT P\n", expects "OK <n>\n", sends M and prints
-//	    what comes back (len(M) bytes). Retries until the guest listens.
+//	    what comes back (len(M) bytes, or N lines). Retries until the
+//	    socket exists and the guest listens.
 package main
 
 import (
@@ -206,12 +207,13 @@ func vsockMain(args []string) int {
 	sock := fs.String("sock", "", "hybrid vsock Unix socket")
 	port := fs.Uint("port", 0, "guest vsock port")
 	msg := fs.String("msg", "", "bytes to send")
+	lines := fs.Int("lines", 0, "read this many answer lines instead of len(msg) bytes")
 	timeout := fs.Duration("timeout", 2*time.Minute, "give up after")
 	fs.Parse(args)
 	deadline := time.Now().Add(*timeout)
 	var lastErr error
 	for time.Now().Before(deadline) {
-		got, err := vsockExchange(*sock, uint32(*port), *msg)
+		got, err := vsockExchange(*sock, uint32(*port), *msg, *lines)
 		if err == nil {
 			fmt.Print(got)
 			return 0
@@ -223,7 +225,7 @@ func vsockMain(args []string) int {
 	return 1
 }
 
-func vsockExchange(sock string, port uint32, msg string) (string, error) {
+func vsockExchange(sock string, port uint32, msg string, lines int) (string, error) {
 	c, err := net.DialTimeout("unix", sock, 5*time.Second)
 	if err != nil {
 		return "", err
@@ -243,6 +245,17 @@ func vsockExchange(sock string, port uint32, msg string) (string, error) {
 	}
 	if _, err := io.WriteString(c, msg); err != nil {
 		return "", err
+	}
+	if lines > 0 {
+		var got strings.Builder
+		for i := 0; i < lines; i++ {
+			l, err := br.ReadString('\n')
+			got.WriteString(l)
+			if err != nil {
+				return got.String(), fmt.Errorf("reading answer line %d: %w", i+1, err)
+			}
+		}
+		return got.String(), nil
 	}
 	buf := make([]byte, len(msg))
 	n, err := io.ReadFull(br, buf)

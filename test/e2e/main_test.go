@@ -1,0 +1,96 @@
+//go:build e2e
+
+// Package e2e boots real Linux guests under bin/hpcvm inside a virt node
+// (test/virtnode) and checks them from the outside: CPU count, memory,
+// virtio-blk, vsock, poweroff and exit status. See docs/testing.md.
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/hpcvm/hpcvm/test/guestvm"
+	"github.com/hpcvm/hpcvm/test/virtnode"
+)
+
+// One node for the whole package: booting a node costs several seconds and
+// the tests only need an isolated KVM host, not a fresh one each.
+var shared struct {
+	once    sync.Once
+	cluster *virtnode.Cluster
+	runner  guestvm.Runner
+	err     error
+}
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if shared.cluster != nil {
+		shared.cluster.Close()
+	}
+	os.Exit(code)
+}
+
+// node returns the shared node's guest runner, booting the node on first
+// use. It skips (or fails, see virtnode.RequirePrereqs) when virt nodes
+// cannot run, and logs the node console tail if the test fails.
+func node(t *testing.T) guestvm.Runner {
+	t.Helper()
+	virtnode.RequirePrereqs(t)
+	shared.once.Do(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), virtnode.BootTimeout)
+		defer cancel()
+		c, err := virtnode.Start(ctx, virtnode.Config{Nodes: 1, CPUs: 2, MemMiB: 2048, Logf: t.Logf})
+		if err != nil {
+			shared.err = err
+			return
+		}
+		shared.cluster = c
+		tool, err := guestvm.BuildVMTool(ctx, c.Dir())
+		if err != nil {
+			shared.err = err
+			return
+		}
+		shared.runner = guestvm.Runner{Node: c.Nodes[0], VMTool: tool}
+	})
+	if shared.err != nil {
+		t.Fatalf("virt node: %v", shared.err)
+	}
+	n := shared.runner.Node
+	if !n.Alive() {
+		t.Fatalf("the shared virt node died earlier; console tail:\n%s", n.ConsoleTail(40))
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("virt node console (last lines):\n%s", n.ConsoleTail(20))
+		}
+	})
+	return shared.runner
+}
+
+// testCtx bounds one guest run; generous, TCG is slow and the machine shared.
+func testCtx(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+func mustHPCVM(t *testing.T) string {
+	t.Helper()
+	b := guestvm.HPCVMBin()
+	guestvm.Need(t, b)
+	return b
+}
+
+func logRun(t *testing.T, name string, r guestvm.Run) {
+	t.Helper()
+	t.Logf("%s: exit %d, userspace marker after %.0f ms, exit after %.0f ms, VMM peak RSS %d KiB (own %d KiB)",
+		name, r.ExitCode, r.Tool.MarkerMs, r.Tool.ExitMs, r.Tool.MaxRSSKiB, r.Tool.PeakOwnKiB)
+}
+
+func dump(r guestvm.Run) string {
+	return fmt.Sprintf("exit %d\n--- console ---\n%s\n--- VMM stderr ---\n%s", r.ExitCode, r.Console, r.Stderr)
+}

@@ -14,12 +14,15 @@ func TestParseSize(t *testing.T) {
 		{"512MiB", 512 << 20, true},
 		{"16GiB", 16 << 30, true},
 		{"4G", 4 << 30, true},
-		{"1KB", 1000, true},
-		{"4096", 4096, true},
+		{"1.5TiB", 3 << 39, true},
 		{" 2 MiB ", 2 << 20, true},
+		{"0", 0, true},
+		{"4096B", 4096, true},
+		{"1KB", 0, false},    // decimal units are ambiguous
+		{"4096", 0, false},   // a bare number: bytes or Slurm's MiB?
+		{"0.1KiB", 0, false}, // not a whole number of bytes
 		{"", 0, false},
 		{"-1G", 0, false},
-		{"1.5G", 0, false},
 		{"GiB", 0, false},
 		{"20000000000TiB", 0, false},
 		{"12XB", 0, false},
@@ -33,7 +36,7 @@ func TestParseSize(t *testing.T) {
 }
 
 func TestFormatSize(t *testing.T) {
-	for n, want := range map[uint64]string{512 << 20: "512MiB", 16 << 30: "16GiB", 1000: "1000B", 0: "0B", 1536 << 10: "1536KiB"} {
+	for n, want := range map[uint64]string{512 << 20: "512MiB", 16 << 30: "16GiB", 1000: "1000B", 0: "0", 1536 << 10: "1536KiB"} {
 		if got := FormatSize(n); got != want {
 			t.Errorf("FormatSize(%d) = %q want %q", n, got, want)
 		}
@@ -49,7 +52,10 @@ func TestParseDuration(t *testing.T) {
 		{"30m", 30 * time.Minute, true},
 		{"1h30m", 90 * time.Minute, true},
 		{"2d", 48 * time.Hour, true},
-		{"600", 10 * time.Minute, true},
+		{"0", 0, true},
+		{"600", 0, false}, // seconds, or Slurm's minutes?
+		{"30m1h", 0, false},
+		{"1.5h", 0, false},
 		{"-5m", 0, false},
 		{"soon", 0, false},
 		{"", 0, false},
@@ -60,10 +66,13 @@ func TestParseDuration(t *testing.T) {
 			t.Errorf("ParseDuration(%q) = %v, %v; want %v ok=%v", tt.in, got, err, tt.want, tt.ok)
 		}
 	}
+	if got := FormatDuration(26*time.Hour + 30*time.Minute); got != "1d2h30m" {
+		t.Errorf("FormatDuration = %q", got)
+	}
 }
 
 func FuzzParseSize(f *testing.F) {
-	for _, s := range []string{"512MiB", "4G", "1", "", "99999999999999999999TiB"} {
+	for _, s := range []string{"512MiB", "4G", "1.5TiB", "", "99999999999999999999TiB", "0.1KiB"} {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, s string) {
@@ -80,12 +89,20 @@ func FuzzParseSize(f *testing.F) {
 }
 
 func FuzzParseDuration(f *testing.F) {
-	for _, s := range []string{"30m", "2d", "600", "1h30m"} {
+	for _, s := range []string{"30m", "2d", "1h30m", "0", "1d12h"} {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, s string) {
-		if d, err := ParseDuration(s); err == nil && d < 0 {
+		d, err := ParseDuration(s)
+		if err != nil {
+			return
+		}
+		if d < 0 {
 			t.Fatalf("ParseDuration(%q) = negative %v", s, d)
+		}
+		back, err := ParseDuration(FormatDuration(d))
+		if err != nil || back != d {
+			t.Fatalf("ParseDuration(%q)=%v, FormatDuration=%q reparsed as %v, %v", s, d, FormatDuration(d), back, err)
 		}
 	})
 }

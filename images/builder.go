@@ -67,10 +67,15 @@ type BuildOptions struct {
 	Force bool // rebuild even if an image with the same build key exists
 }
 
-// BuildKey is the cache key of a build: the definition's hash and the
-// agent binary's sha256.
+// BuilderVersion changes whenever DefaultStages would build a different
+// image from the same definition (base packages, files, steps), so images
+// built by an older builder are rebuilt rather than served from cache.
+const BuilderVersion = 2
+
+// BuildKey is the cache key of a build: the builder version, the
+// definition's hash and the agent binary's sha256.
 func BuildKey(defHash, agentSHA string) string {
-	h := sha256.Sum256([]byte("hpcvm-image-v1\x00" + defHash + "\x00" + agentSHA))
+	h := sha256.Sum256([]byte(fmt.Sprintf("hpcvm-image-builder-%d\x00%s\x00%s", BuilderVersion, defHash, agentSHA)))
 	return hex.EncodeToString(h[:])
 }
 

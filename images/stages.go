@@ -10,8 +10,9 @@ import (
 )
 
 // basePackages are added to every image: an init (systemd), the tools
-// that make the initramfs inside the image, and e2fsprogs for fsck.
-var basePackages = []string{"systemd-sysv", "udev", "kmod", "initramfs-tools", "e2fsprogs"}
+// that make the initramfs inside the image (zstd: initramfs-tools' default
+// compressor, else it falls back to gzip), and e2fsprogs for fsck.
+var basePackages = []string{"systemd-sysv", "udev", "kmod", "initramfs-tools", "zstd", "e2fsprogs"}
 
 // initramfsModules are the modules the VMM's devices need before the root
 // filesystem is mounted; Debian's cloud kernel has them as modules.

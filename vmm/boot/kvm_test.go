@@ -107,7 +107,7 @@ func kvmBoot(t *testing.T, path string) {
 	}
 	stop := time.AfterFunc(limit, cpu.Kick)
 	defer stop.Stop()
-	for !strings.Contains(out.String(), "Linux version") {
+	for !bannerDone(out.String()) {
 		ex, err := cpu.Run()
 		if errors.Is(err, kvm.ErrInterrupted) {
 			break
@@ -142,9 +142,15 @@ func kvmBoot(t *testing.T, path string) {
 			t.Fatalf("exit %v (%+v) at RIP %#x; console:\n%s", ex.Reason, ex, r.RIP, out.String())
 		}
 	}
-	if !strings.Contains(out.String(), "Linux version") {
+	if !bannerDone(out.String()) {
 		r, _ := cpu.GetRegs()
 		t.Fatalf("no banner after %v (RIP %#x); console:\n%s", limit, r.RIP, out.String())
 	}
 	t.Logf("%s: %s", path, strings.SplitN(out.String()[strings.Index(out.String(), "Linux version"):], "\n", 2)[0])
+}
+
+// bannerDone reports whether the whole "Linux version ..." line is out.
+func bannerDone(s string) bool {
+	i := strings.Index(s, "Linux version")
+	return i >= 0 && strings.Contains(s[i:], "\n")
 }

@@ -70,7 +70,7 @@ func TestFindDefinition(t *testing.T) {
 	os.WriteFile(filepath.Join(dir, "deb.toml"), nil, 0o644)
 	tests := []struct {
 		arg, defs, want string
-		ok             bool
+		ok              bool
 	}{
 		{"deb", dir, filepath.Join(dir, "deb.toml"), true},
 		{"other", dir, "", false},

@@ -1,6 +1,7 @@
 package kvm
 
 import (
+	"encoding/binary"
 	"fmt"
 	"unsafe"
 
@@ -201,7 +202,8 @@ func (c *VCPU) GetFPU() (FPU, error) {
 	return f, nil
 }
 
-// SetFPU writes the legacy FPU state (KVM_SET_FPU).
+// SetFPU writes the legacy FPU state (KVM_SET_FPU). KVM ignores MXCSR
+// here; set it through the XSAVE area (SetMXCSR).
 func (c *VCPU) SetFPU(f FPU) error {
 	if _, err := ioctl(c.fd(), gokvm.IIOW(nrSetFPU, unsafe.Sizeof(f)), unsafe.Pointer(&f)); err != nil {
 		return fmt.Errorf("vcpu %d: KVM_SET_FPU: %w", c.id, err)
@@ -241,6 +243,21 @@ func (c *VCPU) SetXSave(buf []byte) error {
 		return fmt.Errorf("vcpu %d: KVM_SET_XSAVE: %w", c.id, err)
 	}
 	return nil
+}
+
+// SetMXCSR sets the SSE control register through the XSAVE area, the only
+// ioctl that carries it (KVM_SET_FPU ignores the field).
+func (c *VCPU) SetMXCSR(v uint32) error {
+	xs, err := c.GetXSave()
+	if err != nil {
+		return err
+	}
+	const mxcsrOff, xstateBVOff, sse = 24, 512, 1 << 1
+	binary.LittleEndian.PutUint32(xs[mxcsrOff:], v)
+	// MXCSR is only loaded when the SSE component is marked present.
+	bv := binary.LittleEndian.Uint64(xs[xstateBVOff:])
+	binary.LittleEndian.PutUint64(xs[xstateBVOff:], bv|sse)
+	return c.SetXSave(xs)
 }
 
 // EnableCap enables a vCPU capability (KVM_ENABLE_CAP on the vCPU fd).

@@ -23,8 +23,11 @@ func (m *Machine) setupVCPU(c *kvm.VCPU, supported []kvm.CPUIDEntry) error {
 	}); err != nil {
 		return err
 	}
-	fpu := kvm.FPU{FCW: 0x37f, MXCSR: 0x1f80}
-	if err := c.SetFPU(fpu); err != nil {
+	// x87 and SSE control words as after FNINIT / reset.
+	if err := c.SetFPU(kvm.FPU{FCW: 0x37f}); err != nil {
+		return err
+	}
+	if err := c.SetMXCSR(0x1f80); err != nil {
 		return err
 	}
 	if m.cfg.InKernelIRQChip {

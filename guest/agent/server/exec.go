@@ -43,8 +43,10 @@ func lookPath(name string, env []string, dir string) (string, error) {
 	}
 	pathVar := ""
 	for _, e := range env {
+		// The first PATH wins, as with getenv(3).
 		if v, ok := strings.CutPrefix(e, "PATH="); ok {
 			pathVar = v
+			break
 		}
 	}
 	for _, d := range filepath.SplitList(pathVar) {

@@ -5,7 +5,7 @@
 // 64-bit entry point in long mode) and an ELF vmlinux carrying a PVH entry
 // note (entered in 32-bit protected mode with paging off). Load also writes
 // the ACPI tables (package acpi) so the kernel finds the CPUs, the IOAPIC
-// and the hardware-reduced sleep and reset registers.
+// the virtio-mmio devices, and the PM1a control and reset registers.
 package boot
 
 import (
@@ -54,6 +54,8 @@ type Config struct {
 	CPUs int
 	// Legacy says which legacy PC devices the VMM emulates (for the FADT).
 	Legacy acpi.Legacy
+	// Devices are the virtio-mmio devices described in the DSDT.
+	Devices []acpi.MMIODevice
 }
 
 // Protocol is how the kernel is entered.
@@ -265,7 +267,7 @@ func (l *loader) writeCmdline(max uint64) error {
 
 // writeACPI writes the ACPI tables and returns the RSDP address.
 func (l *loader) writeACPI() (uint64, error) {
-	return acpi.Write(l.mem, acpi.Config{CPUs: l.cfg.CPUs, Legacy: l.cfg.Legacy})
+	return acpi.Write(l.mem, acpi.Config{CPUs: l.cfg.CPUs, Legacy: l.cfg.Legacy, Devices: l.cfg.Devices})
 }
 
 // E820 memory types (also used by the PVH memory map).

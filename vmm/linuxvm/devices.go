@@ -19,9 +19,6 @@ import (
 // for its reset line, and no CMOS RTC (the guest uses kvmclock).
 var legacyDevices = acpi.Legacy{I8042: true}
 
-// virtioCmdline is the kernel parameter announcing virtio-mmio device i.
-func virtioCmdline(i int) string { return virtio.KernelCmdline(i) }
-
 // devices are the VM's attached devices, closed together.
 type devices struct {
 	closers []io.Closer
@@ -38,8 +35,8 @@ func (d *devices) Close() error {
 }
 
 // attachDevices creates the VM's devices and registers them on the buses.
-// Virtio devices are numbered disks first, then vsock, matching the order of
-// the virtio_mmio.device= parameters Run put on the command line.
+// Virtio devices are numbered disks first, then vsock, matching the DSDT
+// entries Run gave the loader.
 func attachDevices(m *machine.Machine, cfg *Config, console io.Writer) (*devices, error) {
 	d := &devices{}
 	ok := false

@@ -17,7 +17,9 @@ import (
 
 	"github.com/hpcvm/hpcvm/internal/units"
 	"github.com/hpcvm/hpcvm/vmm/boot"
+	"github.com/hpcvm/hpcvm/vmm/boot/acpi"
 	"github.com/hpcvm/hpcvm/vmm/kvm"
+	"github.com/hpcvm/hpcvm/vmm/layout"
 	"github.com/hpcvm/hpcvm/vmm/machine"
 	"github.com/hpcvm/hpcvm/vmm/memory"
 )
@@ -25,6 +27,9 @@ import (
 // DefaultCmdline is used when the user gives none. panic=-1 turns a guest
 // panic into an immediate reset, which the VMM reports as a failure.
 const DefaultCmdline = "console=ttyS0 panic=-1"
+
+// Virtio devices are numbered disks first, then vsock; device i has window
+// layout.VirtioMMIOAddr(i) and interrupt layout.VirtioIRQ(i).
 
 // Limits checked by Validate.
 const (
@@ -191,14 +196,18 @@ func Run(ctx context.Context, cfg Config) (machine.Exit, error) {
 	if cfg.Console == nil {
 		cfg.Console = io.Discard
 	}
-	cmdline := cfg.Cmdline
-	for i := range cfg.Disks {
-		cmdline += " " + virtioCmdline(i)
-	}
+	// Virtio devices are described in the ACPI DSDT (as Firecracker and
+	// QEMU microvm do), not with virtio_mmio.device= on the command line:
+	// distribution kernels such as Debian's are built without that option.
+	var acpiDevs []acpi.MMIODevice
+	nvirtio := len(cfg.Disks)
 	if cfg.VsockPath != "" {
-		cmdline += " " + virtioCmdline(len(cfg.Disks))
+		nvirtio++
 	}
-	ld := &loader{cfg: boot.Config{KernelPath: cfg.Kernel, InitrdPath: cfg.Initrd, Cmdline: strings.TrimSpace(cmdline), Legacy: legacyDevices}}
+	for i := 0; i < nvirtio; i++ {
+		acpiDevs = append(acpiDevs, acpi.MMIODevice{Addr: layout.VirtioMMIOAddr(i), Size: layout.VirtioMMIOSize, IRQ: layout.VirtioIRQ(i)})
+	}
+	ld := &loader{cfg: boot.Config{KernelPath: cfg.Kernel, InitrdPath: cfg.Initrd, Cmdline: strings.TrimSpace(cfg.Cmdline), Legacy: legacyDevices, Devices: acpiDevs}}
 	m, err := machine.New(machine.Config{CPUs: cfg.CPUs, MemBytes: cfg.MemBytes, InKernelIRQChip: true, Loader: ld, Logger: cfg.Logger})
 	if err != nil {
 		return machine.Exit{}, err

@@ -1,7 +1,7 @@
-// Package acpi builds the guest's ACPI tables: RSDP, RSDT/XSDT, a
-// hardware-reduced FADT, a DSDT with \_S5_ (so poweroff reaches the VMM
-// through the sleep control register) and a MADT listing the vCPUs and the
-// IOAPIC. The tables are written at layout.ACPITablesAddr, inside the BIOS
+// Package acpi builds the guest's ACPI tables: RSDP, RSDT/XSDT, a full
+// (not hardware-reduced) FADT with PM1a event/control blocks and a FACS, a
+// DSDT with \_S5_ (so poweroff reaches the VMM through PM1a_CNT) and the
+// virtio-mmio devices, and a MADT listing the vCPUs and the IOAPIC. The tables are written at layout.ACPITablesAddr, inside the BIOS
 // area Linux scans for the RSDP.
 package acpi
 
@@ -25,10 +25,20 @@ type Legacy struct {
 	CMOSRTC bool // MC146818 RTC at ports 0x70/0x71
 }
 
+// MMIODevice is a virtio-mmio device window and its interrupt (a GSI).
+type MMIODevice struct {
+	Addr, Size uint64
+	IRQ        uint32
+}
+
 // Config describes the machine the tables advertise.
 type Config struct {
 	CPUs   int
 	Legacy Legacy
+	// Devices are described in the DSDT as virtio-mmio devices
+	// ("LNRO0005"), the way guests without virtio_mmio.device= on their
+	// command line (Debian's kernels among them) discover them.
+	Devices []MMIODevice
 }
 
 // Table signatures and identification.
@@ -50,7 +60,10 @@ func Build(cfg Config, base uint64) ([]byte, error) {
 	if base%16 != 0 || base+layout.ACPITablesSize > 1<<32 {
 		return nil, fmt.Errorf("ACPI tables base %#x is not 16-byte aligned below 4 GiB", base)
 	}
-	dsdt := dsdt()
+	dsdt, err := dsdt(cfg.Devices)
+	if err != nil {
+		return nil, err
+	}
 	madt := madt(cfg.CPUs)
 	// Layout: RSDP, then each table 16-byte aligned.
 	var blob []byte
@@ -213,9 +226,9 @@ const (
 	flagHWReducedACP = 1 << 20
 )
 
-// fadt is a hardware-reduced FADT: no PM1/GPE blocks, no FACS; sleep and
-// reset go through the extended sleep control/status and reset registers,
-// all I/O ports the VMM traps.
+// fadt is a full FADT: PM1a event and control blocks, no GPE blocks, a
+// FACS and the reset register, all I/O ports the VMM traps (docs/boot.md
+// says why not hardware-reduced mode).
 func fadt(legacy Legacy, dsdtAddr, facsAddr uint64) []byte {
 	b := make([]byte, fadtSize)
 	binary.LittleEndian.PutUint32(b[fadtDSDT:], uint32(dsdtAddr))

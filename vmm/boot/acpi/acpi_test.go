@@ -233,7 +233,8 @@ func TestIASL(t *testing.T) {
 		t.Skip("iasl not installed (Debian package acpica-tools)")
 	}
 	mem := testmem.New(2 << 20)
-	if _, err := Write(mem, Config{CPUs: 4}); err != nil {
+	devs := []MMIODevice{{Addr: layout.VirtioMMIOAddr(0), Size: layout.VirtioMMIOSize, IRQ: layout.VirtioIRQ(0)}, {Addr: layout.VirtioMMIOAddr(1), Size: layout.VirtioMMIOSize, IRQ: layout.VirtioIRQ(1)}}
+	if _, err := Write(mem, Config{CPUs: 4, Devices: devs}); err != nil {
 		t.Fatal(err)
 	}
 	dir := t.TempDir()
@@ -253,6 +254,13 @@ func TestIASL(t *testing.T) {
 		}
 		if sig == "DSDT" && !bytes.Contains(dsl, []byte("Name (_S5, Package")) {
 			t.Errorf("DSDT disassembly has no _S5 package:\n%s", dsl)
+		}
+		if sig == "DSDT" {
+			for _, want := range []string{`Device (VR00)`, `Device (VR01)`, `"LNRO0005"`, "Memory32Fixed (ReadWrite,", "0xD0001000", "Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, )"} {
+				if !bytes.Contains(dsl, []byte(want)) {
+					t.Errorf("DSDT disassembly lacks %q:\n%s", want, dsl)
+				}
+			}
 		}
 		if sig == "FACP" && (!bytes.Contains(dsl, []byte("Hardware Reduced (V5) : 0")) || !bytes.Contains(dsl, []byte("PM1A Control Block Address : 00000604"))) {
 			t.Errorf("iasl does not see full ACPI with PM1a_CNT at 0x604 in the FADT:\n%s", dsl)

@@ -1,6 +1,7 @@
 package acpi
 
 import (
+	"encoding/binary"
 	"fmt"
 
 	"github.com/hpcvm/hpcvm/vmm/layout"
@@ -65,11 +66,81 @@ func amlName(name string, value []byte) []byte {
 	return append(append([]byte{amlNameOp}, name...), value...)
 }
 
-// dsdt holds \_S5_: the SLP_TYP value Linux writes, with SLP_EN, to the
-// sleep control register on poweroff. The second element (SLP_TYPb) is
-// unused in hardware-reduced mode.
-func dsdt() []byte {
+// dsdt holds \_S5_ (the SLP_TYP value Linux writes, with SLP_EN, to
+// PM1a_CNT on poweroff; PM1b is absent so SLP_TYPb is unused) and, under
+// \_SB, one virtio-mmio device per entry of devs.
+func dsdt(devs []MMIODevice) ([]byte, error) {
 	s5 := amlInteger(layout.ACPIS5SleepType)
 	aml := amlName("_S5_", amlPackage(s5, s5, amlInteger(0), amlInteger(0)))
-	return table("DSDT", dsdtRevision, aml)
+	if len(devs) > 0 {
+		var body []byte
+		for i, d := range devs {
+			dev, err := amlVirtioDevice(i, d)
+			if err != nil {
+				return nil, err
+			}
+			body = append(body, dev...)
+		}
+		aml = append(aml, amlScope(`\_SB_`, body)...)
+	}
+	return table("DSDT", dsdtRevision, aml), nil
+}
+
+// More AML opcodes and resource descriptors (ACPI 6.5, 19.6 and 6.4).
+const (
+	amlScopeOp       = 0x10
+	amlBufferOp      = 0x11
+	amlStringPrefix  = 0x0d
+	amlExtOpPrefix   = 0x5b
+	amlDeviceOp      = 0x82
+	resMemory32Fixed = 0x86
+	resExtInterrupt  = 0x89
+	resEndTag        = 0x79
+	intConsumerEdge  = 0x03 // consumer, edge-triggered, active-high, exclusive
+	virtioMMIOHID    = "LNRO0005"
+)
+
+// amlScope encodes Scope(name){body}; name is a root-relative path such as
+// \_SB_.
+func amlScope(name string, body []byte) []byte {
+	inner := append([]byte(name), body...)
+	return append(append([]byte{amlScopeOp}, amlPkgLength(len(inner))...), inner...)
+}
+
+// amlDevice encodes Device(name){body}.
+func amlDevice(name string, body []byte) []byte {
+	inner := append([]byte(name), body...)
+	return append(append([]byte{amlExtOpPrefix, amlDeviceOp}, amlPkgLength(len(inner))...), inner...)
+}
+
+// amlString encodes a string constant.
+func amlString(s string) []byte {
+	return append(append([]byte{amlStringPrefix}, s...), 0)
+}
+
+// amlBuffer encodes Buffer(){data}.
+func amlBuffer(data []byte) []byte {
+	if len(data) > 0xff {
+		panic("AML buffer too long for a byte size")
+	}
+	inner := append([]byte{amlBytePrefix, uint8(len(data))}, data...)
+	return append(append([]byte{amlBufferOp}, amlPkgLength(len(inner))...), inner...)
+}
+
+// amlVirtioDevice describes virtio-mmio device i: _HID LNRO0005, _UID i,
+// and _CRS with its register window and its edge-triggered interrupt.
+func amlVirtioDevice(i int, d MMIODevice) ([]byte, error) {
+	if i > 0xff || d.Addr > 0xffffffff || d.Size == 0 || d.Size > 0xffffffff || d.Addr+d.Size > 1<<32 {
+		return nil, fmt.Errorf("ACPI: virtio-mmio device %d at %#x+%#x: must lie below 4 GiB", i, d.Addr, d.Size)
+	}
+	crs := []byte{resMemory32Fixed, 9, 0, 1} // length 9, read-write
+	crs = binary.LittleEndian.AppendUint32(crs, uint32(d.Addr))
+	crs = binary.LittleEndian.AppendUint32(crs, uint32(d.Size))
+	crs = append(crs, resExtInterrupt, 6, 0, intConsumerEdge, 1)
+	crs = binary.LittleEndian.AppendUint32(crs, d.IRQ)
+	crs = append(crs, resEndTag, 0)
+	body := amlName("_HID", amlString(virtioMMIOHID))
+	body = append(body, amlName("_UID", amlInteger(uint8(i)))...)
+	body = append(body, amlName("_CRS", amlBuffer(crs))...)
+	return amlDevice(fmt.Sprintf("VR%02X", i), body), nil
 }

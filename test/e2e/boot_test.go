@@ -182,8 +182,9 @@ func bootAndCheck(t *testing.T, r guestvm.Runner, bin string, kc kernelCase, cpu
 	stop, _ := hpcvmLine(c, "stop")
 	check("vsock", vsockErr == "" && stop == "vsock", "vsock: %s (guest stop=%q)", vsockErr, stop)
 
-	check("poweroff", run.ExitCode == 0 && strings.Contains(c, "HPCVM poweroff"),
-		"want the guest to power off and hpcvm to exit 0, got exit %d", run.ExitCode)
+	check("poweroff", run.ExitCode == 0 && strings.Contains(c, "reboot: Power down"),
+		"want the guest to power off (\"reboot: Power down\") and hpcvm to exit 0, got exit %d (killed after halt: %v)",
+		run.ExitCode, run.Tool.KilledAfterHalt)
 	if failed {
 		t.Logf("%s", dump(run))
 	}

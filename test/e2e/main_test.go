@@ -89,6 +89,9 @@ func logRun(t *testing.T, name string, r guestvm.Run) {
 	t.Helper()
 	t.Logf("%s: exit %d, userspace marker after %.0f ms, exit after %.0f ms, VMM peak RSS %d KiB (own %d KiB)",
 		name, r.ExitCode, r.Tool.MarkerMs, r.Tool.ExitMs, r.Tool.MaxRSSKiB, r.Tool.PeakOwnKiB)
+	if r.Tool.KilledAfterHalt {
+		t.Logf("%s: the guest kernel halted/powered down but the VMM did not exit; vmtool killed it", name)
+	}
 }
 
 func dump(r guestvm.Run) string {

@@ -183,6 +183,9 @@ type ToolResult struct {
 	PeakRSSKiB int64   `json:"peak_rss_kib"`
 	PeakOwnKiB int64   `json:"peak_own_kib"`
 	Samples    int     `json:"samples"`
+	// KilledAfterHalt: the guest halted/powered down but the VMM kept
+	// running, so vmtool killed it (see vmtool -halt-grace).
+	KilledAfterHalt bool `json:"killed_after_halt,omitempty"`
 }
 
 // Run is the outcome of one guest run.

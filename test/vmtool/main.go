@@ -60,6 +60,9 @@ type Result struct {
 	// heap, stacks, device buffers), from /proc/PID/smaps.
 	PeakOwnKiB int64 `json:"peak_own_kib"`
 	Samples    int   `json:"samples"`
+	// KilledAfterHalt: the guest kernel halted (or powered down) but the
+	// VMM did not exit within -halt-grace, so vmtool killed it.
+	KilledAfterHalt bool `json:"killed_after_halt,omitempty"`
 }
 
 func runMain(args []string) int {
@@ -67,6 +70,8 @@ func runMain(args []string) int {
 	marker := fs.String("marker", "", "output text that marks guest userspace")
 	guestMiB := fs.Int64("guest-mem-mib", 0, "guest RAM size: mappings at least this large are guest RAM")
 	every := fs.Duration("sample", 100*time.Millisecond, "memory sampling interval")
+	haltGrace := fs.Duration("halt-grace", 60*time.Second,
+		"kill the VMM if it is still running this long after the guest kernel printed that it halted or powered down")
 	fs.Parse(args)
 	if fs.NArg() == 0 {
 		fmt.Fprintln(os.Stderr, "vmtool run: no command")
@@ -84,6 +89,7 @@ func runMain(args []string) int {
 		return 2
 	}
 	res := Result{MarkerMs: -1}
+	var haltOnce sync.Once
 	var mu sync.Mutex
 	start := time.Now()
 	if err := cmd.Start(); err != nil {
@@ -109,6 +115,16 @@ func runMain(args []string) int {
 			line, err := br.ReadString('\n')
 			if len(line) > 0 {
 				w.Write([]byte(line))
+				if strings.Contains(line, "reboot: System halted") || strings.Contains(line, "reboot: Power down") {
+					haltOnce.Do(func() {
+						time.AfterFunc(*haltGrace, func() {
+							mu.Lock()
+							res.KilledAfterHalt = true
+							mu.Unlock()
+							syscall.Kill(pid, syscall.SIGKILL)
+						})
+					})
+				}
 				if *marker != "" && strings.Contains(line, *marker) {
 					mu.Lock()
 					first := res.MarkerMs < 0

@@ -61,20 +61,20 @@ type vmRun struct {
 }
 
 // sliceSpec builds slice i's config for an n-slice VM.
-func sliceSpec(i int, addrs []string, ln net.Listener, ncpu int, vcpus []int, prog string, iters int,
+func sliceSpec(i int, addrs []string, ln net.Listener, placement [][]int, prog string, iters int,
 	rep *reportDev, finals *[]uint64, lg *slog.Logger) SliceConfig {
 	p := mustProgram(prog)
 	return SliceConfig{
 		Transport: TransportConfig{ID: i, Addrs: addrs, Listener: ln, VMID: "test-vm", Secret: testSecret, Logger: lg,
 			PeerTimeout: 3 * time.Second, ConnectTimeout: 20 * time.Second},
-		CPUs: ncpu, VCPUs: vcpus, MemBytes: testMem,
-		Loader:   microguest.Program{Code: p.build(iters)},
+		Placement: placement, MemBytes: testMem,
+		Loader:   microguest.Program{Code: p.Build(iters)},
 		DonePort: portDone,
 		Setup: func(m *machine.Machine, g memory.Guest) error {
 			return m.IO.Register("report", portReport, 1, rep)
 		},
 		Finish: func(g memory.Guest) error {
-			for _, a := range p.finals {
+			for _, a := range p.Results {
 				var b [8]byte
 				if _, err := g.ReadAt(b[:], int64(a)); err != nil {
 					return err
@@ -113,7 +113,7 @@ func runInProcess(t testing.TB, n, ncpu int, prog string, iters int) vmRun {
 	start := time.Now()
 	for i := 0; i < n; i++ {
 		reps[i] = &reportDev{}
-		cfg := sliceSpec(i, addrs, lns[i], ncpu, vc[i], prog, iters, reps[i], &finals, lg)
+		cfg := sliceSpec(i, addrs, lns[i], vc, prog, iters, reps[i], &finals, lg)
 		wg.Add(1)
 		go func(i int) {
 			defer wg.Done()

@@ -29,8 +29,7 @@ const childEnv = "HPCVM_DSM_TEST_SLICE"
 type childSpec struct {
 	ID         int
 	Addrs      []string
-	NCPU       int
-	VCPUs      []int
+	Placement  [][]int
 	Prog       string
 	Iters      int
 	SecretFile string
@@ -61,7 +60,7 @@ func childMain(specJSON string) int {
 	lg := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	// vCPU threads sit in KVM_RUN and the fault reader in poll(2), each
 	// holding a P until sysmon takes it back: leave Ps for the protocol.
-	runtime.GOMAXPROCS(max(runtime.NumCPU(), len(spec.VCPUs)) + 4)
+	runtime.GOMAXPROCS(max(runtime.NumCPU(), len(spec.Placement[spec.ID])) + 4)
 	ln, err := net.FileListener(os.NewFile(3, "listener"))
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "slice %d: inherited listener: %v\n", spec.ID, err)
@@ -74,7 +73,7 @@ func childMain(specJSON string) int {
 	}
 	rep := &reportDev{}
 	var finals []uint64
-	cfg := sliceSpec(spec.ID, spec.Addrs, ln, spec.NCPU, spec.VCPUs, spec.Prog, spec.Iters, rep, &finals, lg)
+	cfg := sliceSpec(spec.ID, spec.Addrs, ln, spec.Placement, spec.Prog, spec.Iters, rep, &finals, lg)
 	cfg.Transport.Secret = secret
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
@@ -114,7 +113,7 @@ func startSlices(t *testing.T, n, ncpu int, prog string, iters int) []*child {
 	vc := splitVCPUs(ncpu, n)
 	var kids []*child
 	for i := 0; i < n; i++ {
-		spec, _ := json.Marshal(childSpec{ID: i, Addrs: addrs, NCPU: ncpu, VCPUs: vc[i], Prog: prog, Iters: iters, SecretFile: secretFile})
+		spec, _ := json.Marshal(childSpec{ID: i, Addrs: addrs, Placement: vc, Prog: prog, Iters: iters, SecretFile: secretFile})
 		f, err := lns[i].(*net.TCPListener).File()
 		if err != nil {
 			t.Fatal(err)

@@ -17,8 +17,10 @@ import (
 // SliceConfig describes one slice of a distributed VM.
 type SliceConfig struct {
 	Transport TransportConfig
-	CPUs      int   // vCPUs of the whole VM
-	VCPUs     []int // vCPUs this slice runs (nil or empty: none)
+	// Placement lists the vCPU ids each slice runs, indexed by slice id;
+	// together they must be 0..n-1, each exactly once (CheckPlacement). A
+	// slice may run none. Every slice gets the same placement.
+	Placement [][]int
 	MemBytes  uint64
 	// Loader writes the boot image (on slice 0 only, before guest memory
 	// is registered) and sets up the vCPUs (on every slice).
@@ -61,12 +63,14 @@ func (imageLoaded) Load(*memory.RAM, int) error { return nil }
 
 // sliceRun is the coordination state of one slice.
 type sliceRun struct {
-	cfg  SliceConfig
-	id   int
-	n    int
-	log  *slog.Logger
-	tr   *Transport
-	node *Node
+	cfg   SliceConfig
+	id    int
+	n     int
+	ncpu  int   // vCPUs of the whole VM
+	vcpus []int // vCPUs this slice runs
+	log   *slog.Logger
+	tr    *Transport
+	node  *Node
 
 	mu       sync.Mutex
 	m        *machine.Machine
@@ -96,6 +100,14 @@ func RunSlice(ctx context.Context, cfg SliceConfig) (SliceResult, error) {
 	}
 	s := &sliceRun{cfg: cfg, id: cfg.Transport.ID, n: len(cfg.Transport.Addrs)}
 	s.log = cfg.Logger.With("slice", s.id)
+	ncpu, err := CheckPlacement(cfg.Placement, s.n)
+	if err != nil {
+		return SliceResult{}, err
+	}
+	if s.id < 0 || s.id >= s.n {
+		return SliceResult{}, fmt.Errorf("dsm: slice id %d not in 0..%d", s.id, s.n-1)
+	}
+	s.ncpu, s.vcpus = ncpu, cfg.Placement[s.id]
 	ram, err := memory.NewRAM(cfg.MemBytes, layout.MMIOGapStart)
 	if err != nil {
 		return SliceResult{}, err
@@ -104,7 +116,7 @@ func RunSlice(ctx context.Context, cfg SliceConfig) (SliceResult, error) {
 	if s.id == 0 {
 		// Loaded before userfaultfd registration: slice 0 starts as the
 		// owner of every page.
-		if err := cfg.Loader.Load(ram, cfg.CPUs); err != nil {
+		if err := cfg.Loader.Load(ram, s.ncpu); err != nil {
 			return SliceResult{}, fmt.Errorf("dsm: slice 0 loading the guest: %w", err)
 		}
 	}
@@ -118,8 +130,8 @@ func RunSlice(ctx context.Context, cfg SliceConfig) (SliceResult, error) {
 		return SliceResult{}, err
 	}
 	defer s.node.Close()
-	run := append([]int{}, cfg.VCPUs...) // non-nil: machine treats nil as "all vCPUs"
-	m, err := machine.New(machine.Config{CPUs: cfg.CPUs, MemBytes: cfg.MemBytes, Loader: imageLoaded{cfg.Loader},
+	run := append([]int{}, s.vcpus...) // non-nil: machine treats nil as "all vCPUs"
+	m, err := machine.New(machine.Config{CPUs: s.ncpu, MemBytes: cfg.MemBytes, Loader: imageLoaded{cfg.Loader},
 		RAM: ram, RunVCPUs: run, Logger: cfg.Logger})
 	if err != nil {
 		return SliceResult{}, err
@@ -140,7 +152,7 @@ func RunSlice(ctx context.Context, cfg SliceConfig) (SliceResult, error) {
 	if pre != nil {
 		m.Stop(pre.Kind, pre.Reason, pre.Err)
 	}
-	if len(cfg.VCPUs) == 0 {
+	if len(s.vcpus) == 0 {
 		s.localDone()
 	}
 	exit := m.Run(ctx)
@@ -175,7 +187,7 @@ func (d *doneDev) Read(uint64, []byte) {}
 func (d *doneDev) Write(uint64, []byte) {
 	d.mu.Lock()
 	d.count++
-	last := d.count == len(d.s.cfg.VCPUs)
+	last := d.count == len(d.s.vcpus)
 	d.mu.Unlock()
 	if last {
 		d.s.localDone()

@@ -1,0 +1,369 @@
+package main
+
+import (
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/signal"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/hpcvm/hpcvm/internal/units"
+	"github.com/hpcvm/hpcvm/vmm/dsm"
+	"github.com/hpcvm/hpcvm/vmm/machine"
+	"github.com/hpcvm/hpcvm/vmm/memory"
+	"github.com/hpcvm/hpcvm/vmm/microguest"
+)
+
+func init() {
+	register("slice", "run one slice of a distributed VM (started by the launcher, one per node)", sliceMain)
+}
+
+// sliceOpts are the parsed and checked options of `hpcvm slice`.
+type sliceOpts struct {
+	id        int
+	peers     []string
+	listen    string
+	vmID      string
+	secret    []byte
+	placement [][]int
+	memBytes  uint64
+	code      []byte   // micro-guest code
+	guest     string   // for messages: builtin:NAME or the file
+	results   []uint64 // guest-physical addresses printed at the end (slice 0)
+	timeout   time.Duration
+	verbose   bool
+}
+
+// sliceOutput is what a slice prints on stdout (one JSON object) when it
+// stops. Only slice 0 has results; reports are the values this slice's
+// vCPUs wrote to the report port.
+type sliceOutput struct {
+	Slice   int               `json:"slice"`
+	Exit    string            `json:"exit"`
+	Reason  string            `json:"reason,omitempty"`
+	Error   string            `json:"error,omitempty"`
+	Reports []uint32          `json:"reports"`
+	Results []sliceResult     `json:"results,omitempty"`
+	Stats   dsm.StatsSnapshot `json:"stats"`
+	VCPUs   []int             `json:"vcpus"`
+	Elapsed string            `json:"elapsed"`
+}
+
+type sliceResult struct {
+	Addr  string `json:"addr"`
+	Value uint64 `json:"value"`
+}
+
+// addrList collects repeated --result addresses.
+type addrList []uint64
+
+func (a *addrList) String() string { return fmt.Sprint(*a) }
+func (a *addrList) Set(v string) error {
+	n, err := strconv.ParseUint(v, 0, 64)
+	if err != nil {
+		return fmt.Errorf("%q is not an address (decimal or 0x hex)", v)
+	}
+	if n%8 != 0 {
+		return fmt.Errorf("address %#x is not 8-byte aligned", n)
+	}
+	*a = append(*a, n)
+	return nil
+}
+
+func sliceUsage(fs *flag.FlagSet) {
+	fmt.Fprintf(fs.Output(), `usage: hpcvm slice --id N --peers HOST:PORT,... --vm-id ID --secret-file F --placement P
+                   (--builtin NAME [--iters N] | --program FILE [--result ADDR]...) [--mem SIZE]
+
+Runs slice N of a distributed VM: the vCPUs the placement gives it, over guest memory kept
+coherent with the other slices over authenticated TCP (docs/dsm.md). The launcher starts one
+slice per node with identical options except --id (and --listen).
+
+The guest is a micro-guest (x86-64 code started at CPL3 in long mode on every vCPU with
+RDI = vCPU id and RSI = vCPU count; port 0x%x reports a value, port 0x%x marks the vCPU done).
+When every vCPU is done, slice 0 reads the --result addresses and all slices stop. Each slice
+prints one JSON object on stdout. Exit status: 0 when the VM finished, 1 on failure (a lost
+slice is named), 2 on bad options.
+
+options:
+`, dsm.ReportPort, dsm.DonePort)
+	fs.PrintDefaults()
+	fmt.Fprintf(fs.Output(), "\nbuilt-in programs: %s\n", strings.Join(dsm.ProgramNames(), ", "))
+}
+
+// sliceFlags is the flag set of `hpcvm slice`.
+type sliceFlags struct {
+	fs                                              *flag.FlagSet
+	id, iters                                       *int
+	peers, listen, vmID, secretFile, placement, mem *string
+	builtin, program, timeout                       *string
+	results                                         addrList
+	verbose                                         *bool
+}
+
+func newSliceFlags() *sliceFlags {
+	fs := flag.NewFlagSet("hpcvm slice", flag.ContinueOnError)
+	f := &sliceFlags{fs: fs}
+	f.id = fs.Int("id", -1, "this slice's `N` (0 is the home slice: devices and results)")
+	f.peers = fs.String("peers", "", "every slice's `HOST:PORT`, comma-separated, in slice-id order (this slice's included)")
+	f.listen = fs.String("listen", "", "`ADDR` to listen on (default: this slice's entry in --peers)")
+	f.vmID = fs.String("vm-id", "", "the VM's `ID` (the same on every slice; authenticated)")
+	f.secretFile = fs.String("secret-file", "", "`FILE` holding the VM's shared secret (16..4096 bytes, mode 0600)")
+	f.placement = fs.String("placement", "", "vCPU ids per slice, `P` = groups in slice-id order separated by '/', e.g. 0-1/2,3 (a group may be empty)")
+	f.mem = fs.String("mem", "64MiB", "guest memory `SIZE`")
+	f.builtin = fs.String("builtin", "", "run the built-in micro-guest `NAME`")
+	f.iters = fs.Int("iters", 1000, "iterations for --builtin (`N` >= 1)")
+	f.program = fs.String("program", "", "run the micro-guest code in `FILE` (raw x86-64 bytes loaded at 0x10000)")
+	fs.Var(&f.results, "result", "print the qword at guest-physical `ADDR` when done (repeatable; --builtin adds its own)")
+	f.timeout = fs.String("timeout", "0", "stop with an error after `DURATION` (e.g. 10m; 0: no limit)")
+	f.verbose = fs.Bool("v", false, "log protocol events to stderr")
+	fs.Usage = func() { sliceUsage(fs) }
+	return f
+}
+
+// parseSliceArgs parses and checks the options; every error names the
+// option at fault. --help yields flag.ErrHelp.
+func parseSliceArgs(args []string) (*sliceOpts, error) {
+	f := newSliceFlags()
+	fs := f.fs
+	id, peers, listen, vmID, secretFile, placement := f.id, f.peers, f.listen, f.vmID, f.secretFile, f.placement
+	mem, builtin, iters, program, timeout, verbose := f.mem, f.builtin, f.iters, f.program, f.timeout, f.verbose
+	fs.SetOutput(io.Discard)
+	if err := fs.Parse(args); err != nil {
+		return nil, err
+	}
+	results := f.results
+	if fs.NArg() > 0 {
+		return nil, fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	}
+	o := &sliceOpts{id: *id, listen: *listen, vmID: *vmID, results: results, verbose: *verbose}
+	if *peers == "" {
+		return nil, errors.New("--peers is required")
+	}
+	seen := map[string]bool{}
+	for i, p := range strings.Split(*peers, ",") {
+		p = strings.TrimSpace(p)
+		host, port, err := net.SplitHostPort(p)
+		if err != nil || host == "" {
+			return nil, fmt.Errorf("--peers: entry %d %q is not HOST:PORT", i, p)
+		}
+		if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 {
+			return nil, fmt.Errorf("--peers: entry %d %q: port %q is not 1..65535", i, p, port)
+		}
+		if seen[p] {
+			return nil, fmt.Errorf("--peers: %q is listed twice", p)
+		}
+		seen[p] = true
+		o.peers = append(o.peers, p)
+	}
+	if o.id < 0 || o.id >= len(o.peers) {
+		if o.id == -1 {
+			return nil, errors.New("--id is required")
+		}
+		return nil, fmt.Errorf("--id %d: not in 0..%d (one slice per --peers entry)", o.id, len(o.peers)-1)
+	}
+	if o.listen == "" {
+		o.listen = o.peers[o.id]
+	} else if _, _, err := net.SplitHostPort(o.listen); err != nil {
+		return nil, fmt.Errorf("--listen %q: not HOST:PORT", o.listen)
+	}
+	if o.vmID == "" || len(o.vmID) > dsm.MaxVMIDLen {
+		return nil, fmt.Errorf("--vm-id: must be 1..%d bytes", dsm.MaxVMIDLen)
+	}
+	if *secretFile == "" {
+		return nil, errors.New("--secret-file is required")
+	}
+	secret, err := readSecret(*secretFile)
+	if err != nil {
+		return nil, fmt.Errorf("--secret-file: %w", err)
+	}
+	o.secret = secret
+	if *placement == "" {
+		return nil, errors.New("--placement is required")
+	}
+	if o.placement, err = dsm.ParsePlacement(*placement); err != nil {
+		return nil, fmt.Errorf("--placement: %w", err)
+	}
+	if _, err := dsm.CheckPlacement(o.placement, len(o.peers)); err != nil {
+		return nil, fmt.Errorf("--placement: %w", err)
+	}
+	if o.memBytes, err = units.ParseSize(*mem); err != nil {
+		return nil, fmt.Errorf("--mem: %w", err)
+	}
+	if o.memBytes < microguest.MinMemory || o.memBytes%memory.PageSize != 0 {
+		return nil, fmt.Errorf("--mem %s: must be a multiple of 4KiB and at least %s", *mem, units.FormatSize(microguest.MinMemory))
+	}
+	if o.timeout, err = units.ParseDuration(*timeout); err != nil {
+		return nil, fmt.Errorf("--timeout: %w", err)
+	}
+	switch {
+	case *builtin != "" && *program != "":
+		return nil, errors.New("--builtin and --program are mutually exclusive")
+	case *builtin != "":
+		b, err := dsm.LookupProgram(*builtin)
+		if err != nil {
+			return nil, fmt.Errorf("--builtin: %w", err)
+		}
+		if *iters < 1 || *iters > 1<<40 {
+			return nil, fmt.Errorf("--iters %d: must be 1..2^40", *iters)
+		}
+		o.code, o.guest = b.Build(*iters), "builtin:"+*builtin
+		o.results = append(append([]uint64{}, b.Results...), o.results...)
+	case *program != "":
+		code, err := os.ReadFile(*program)
+		if err != nil {
+			return nil, fmt.Errorf("--program: %w", err)
+		}
+		if len(code) == 0 {
+			return nil, fmt.Errorf("--program %s: empty file", *program)
+		}
+		o.code, o.guest = code, *program
+	default:
+		return nil, errors.New("a guest is required: --builtin NAME or --program FILE")
+	}
+	for _, a := range o.results {
+		if a+8 > o.memBytes {
+			return nil, fmt.Errorf("--result %#x: outside guest memory (%s)", a, units.FormatSize(o.memBytes))
+		}
+	}
+	return o, nil
+}
+
+// readSecret reads the VM secret, refusing a file others could read.
+func readSecret(path string) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	if !st.Mode().IsRegular() {
+		return nil, fmt.Errorf("%s is not a regular file", path)
+	}
+	if perm := st.Mode().Perm(); perm&0o077 != 0 {
+		return nil, fmt.Errorf("%s has mode %04o: group and others must have no access (chmod 600 %s)", path, perm, path)
+	}
+	b, err := io.ReadAll(io.LimitReader(f, 4097))
+	if err != nil {
+		return nil, err
+	}
+	if len(b) < 16 || len(b) > 4096 {
+		return nil, fmt.Errorf("%s holds %d bytes: a secret must be 16..4096 bytes", path, len(b))
+	}
+	return b, nil
+}
+
+func sliceMain(args []string) int {
+	o, err := parseSliceArgs(args)
+	if errors.Is(err, flag.ErrHelp) {
+		f := newSliceFlags()
+		f.fs.SetOutput(os.Stderr)
+		f.fs.Usage()
+		return 0
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "hpcvm slice: %v (see hpcvm slice --help)\n", err)
+		return 2
+	}
+	return runSlice(o, os.Stdout)
+}
+
+// reportDev collects the values vCPUs write to the report port.
+type reportDev struct {
+	mu      sync.Mutex
+	reports []uint32
+}
+
+func (r *reportDev) Read(uint64, []byte) {}
+func (r *reportDev) Write(_ uint64, d []byte) {
+	var b [4]byte
+	copy(b[:], d)
+	r.mu.Lock()
+	r.reports = append(r.reports, binary.LittleEndian.Uint32(b[:]))
+	r.mu.Unlock()
+}
+
+func runSlice(o *sliceOpts, stdout io.Writer) int {
+	level := slog.LevelWarn
+	if o.verbose {
+		level = slog.LevelDebug
+	}
+	lg := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level})).With("vm", o.vmID)
+	if os.Getenv("GOMAXPROCS") == "" {
+		// vCPU threads in KVM_RUN and the fault reader in poll(2) each hold
+		// a P until sysmon retakes it: leave Ps for the protocol (docs/dsm.md).
+		runtime.GOMAXPROCS(max(runtime.NumCPU(), len(o.placement[o.id])) + 4)
+	}
+	ln, err := net.Listen("tcp", o.listen)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "hpcvm slice %d: listen on %s: %v\n", o.id, o.listen, err)
+		return 1
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	if o.timeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeoutCause(ctx, o.timeout, fmt.Errorf("--timeout %v reached", o.timeout))
+		defer cancel()
+	}
+	rep := &reportDev{}
+	var results []sliceResult
+	cfg := dsm.SliceConfig{
+		Transport: dsm.TransportConfig{ID: o.id, Addrs: o.peers, Listener: ln, VMID: o.vmID, Secret: o.secret, Logger: lg},
+		Placement: o.placement,
+		MemBytes:  o.memBytes,
+		Loader:    microguest.Program{Code: o.code},
+		DonePort:  dsm.DonePort,
+		Setup: func(m *machine.Machine, g memory.Guest) error {
+			return m.IO.Register("report", dsm.ReportPort, 1, rep)
+		},
+		Finish: func(g memory.Guest) error {
+			for _, a := range o.results {
+				var b [8]byte
+				if _, err := g.ReadAt(b[:], int64(a)); err != nil {
+					return fmt.Errorf("reading result at %#x: %w", a, err)
+				}
+				results = append(results, sliceResult{Addr: fmt.Sprintf("%#x", a), Value: binary.LittleEndian.Uint64(b[:])})
+			}
+			return nil
+		},
+		Logger: lg,
+	}
+	start := time.Now()
+	res, err := dsm.RunSlice(ctx, cfg)
+	out := sliceOutput{Slice: o.id, Exit: res.Exit.Kind.String(), Reason: res.Exit.Reason, Stats: res.Stats,
+		VCPUs: o.placement[o.id], Elapsed: time.Since(start).Round(time.Millisecond).String()}
+	rep.mu.Lock()
+	out.Reports = append([]uint32{}, rep.reports...)
+	rep.mu.Unlock()
+	if o.id == 0 {
+		out.Results = results
+	}
+	if err != nil {
+		out.Error = err.Error()
+	}
+	json.NewEncoder(stdout).Encode(out)
+	if err != nil || res.Exit.Kind != machine.ExitPoweroff {
+		msg := res.Exit.Reason
+		if err != nil {
+			msg = err.Error()
+		}
+		fmt.Fprintf(os.Stderr, "hpcvm slice %d: %s\n", o.id, msg)
+		return 1
+	}
+	return 0
+}

@@ -71,7 +71,7 @@ func vmRun(args []string) int {
 	fs.Var(&disks, "disk", "virtio-blk disk `PATH[,ro]` on a raw image (repeatable; ro = read-only)")
 	cpus := fs.Int("cpus", 1, "number of vCPUs")
 	mem := fs.String("mem", "512MiB", "guest memory `SIZE` (e.g. 512MiB, 2GiB)")
-	cmdline := fs.String("cmdline", linuxvm.DefaultCmdline, "kernel command line (the VMM appends its device parameters)")
+	cmdline := fs.String("cmdline", linuxvm.DefaultCmdline, "kernel command line (devices are described to the guest in ACPI tables)")
 	vsock := fs.String("vsock", "", "Unix `SOCKET` of the virtio-vsock device (hybrid protocol: CONNECT <port>\\n); guest connections go to SOCKET_<port>")
 	cid := fs.Uint64("vsock-cid", 3, "guest vsock context ID")
 	console := fs.String("console", "", "write the serial console to `FILE` instead of stdout")

@@ -2,8 +2,9 @@
 // node and connects to the guest agent inside it. It is what `hpcvm run`
 // and the Slurm job launcher use to run commands in a job's chosen OS.
 //
-// The image is never written: the VM boots a private sparse copy of the
-// image's disk in a per-VM work directory, removed with the VM.
+// The image is never written: the VM's disk is a copy-on-write view of the
+// image's disk, its writes kept in a sparse overlay file in a per-VM work
+// directory that is removed with the VM.
 package imagevm
 
 import (
@@ -13,7 +14,6 @@ import (
 	"io"
 	"log/slog"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"time"
@@ -107,10 +107,6 @@ func Start(ctx context.Context, cfg Config) (*VM, error) {
 			v.Close()
 		}
 	}()
-	disk := filepath.Join(v.dir, "disk.raw")
-	if err := sparseCopy(ctx, cfg.Store.Path(cfg.Image, images.DiskFile), disk); err != nil {
-		return nil, err
-	}
 	v.console = filepath.Join(v.dir, "console.log")
 	clog, err := os.Create(v.console)
 	if err != nil {
@@ -127,7 +123,7 @@ func Start(ctx context.Context, cfg Config) (*VM, error) {
 		Cmdline:   strings.TrimSpace(m.Cmdline + " " + cfg.ExtraCmdline),
 		CPUs:      cfg.CPUs,
 		MemBytes:  cfg.MemBytes,
-		Disks:     []linuxvm.Disk{{Path: disk}},
+		Disks:     []linuxvm.Disk{{Path: cfg.Store.Path(cfg.Image, images.DiskFile), Overlay: filepath.Join(v.dir, "disk.overlay")}},
 		VsockPath: sock, VsockCID: 3,
 		Console: out, Logger: cfg.Logger,
 	}
@@ -223,17 +219,7 @@ func (v *VM) Close() error {
 	if v.ownDir {
 		return os.RemoveAll(v.dir)
 	}
-	return os.Remove(filepath.Join(v.dir, "disk.raw"))
-}
-
-// sparseCopy copies src to dst keeping holes, so a mostly empty disk image
-// costs only its used blocks.
-func sparseCopy(ctx context.Context, src, dst string) error {
-	out, err := exec.CommandContext(ctx, "cp", "--sparse=always", "--reflink=auto", src, dst).CombinedOutput()
-	if err != nil {
-		return fmt.Errorf("copying the image disk %s: %v: %s", src, err, strings.TrimSpace(string(out)))
-	}
-	return nil
+	return os.Remove(filepath.Join(v.dir, "disk.overlay"))
 }
 
 func available(s *images.Store) string {

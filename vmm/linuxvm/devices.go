@@ -86,7 +86,7 @@ func attachDevices(m *machine.Machine, cfg *Config, console io.Writer) (*devices
 		return nil
 	}
 	for i, disk := range cfg.Disks {
-		b, err := blk.New(blk.Config{Path: disk.Path, ReadOnly: disk.ReadOnly, ID: fmt.Sprintf("hpcvm-disk%d", i), Log: log})
+		b, err := blk.New(blk.Config{Path: disk.Path, ReadOnly: disk.ReadOnly, Overlay: disk.Overlay, ID: fmt.Sprintf("hpcvm-disk%d", i), Log: log})
 		if err != nil {
 			return nil, fmt.Errorf("--disk %s: %w", disk.Path, err)
 		}

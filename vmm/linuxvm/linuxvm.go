@@ -41,6 +41,9 @@ const (
 type Disk struct {
 	Path     string
 	ReadOnly bool
+	// Overlay makes the disk copy-on-write: Path is never written, the
+	// guest's writes go to this new file (see blk.Config.Overlay).
+	Overlay string
 }
 
 // Config describes a Linux VM.

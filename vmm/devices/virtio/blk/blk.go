@@ -54,6 +54,10 @@ type Config struct {
 	Path string
 	// ReadOnly opens the file O_RDONLY and offers VIRTIO_BLK_F_RO.
 	ReadOnly bool
+	// Overlay, if set, makes the disk copy-on-write: Path is opened
+	// read-only and never modified, and the guest's writes go to this new
+	// sparse file (which must not exist). The caller removes it.
+	Overlay string
 	// ID is the serial returned by GET_ID (at most IDLen bytes).
 	ID  string
 	Log *slog.Logger
@@ -62,7 +66,7 @@ type Config struct {
 // Blk is a virtio-blk device. Wrap it with virtio.NewMMIO.
 type Blk struct {
 	cfg      Config
-	file     *os.File
+	file     backend
 	capacity uint64 // sectors
 	log      *slog.Logger
 
@@ -79,8 +83,11 @@ func New(cfg Config) (*Blk, error) {
 	if len(cfg.ID) > IDLen {
 		return nil, fmt.Errorf("virtio-blk %s: serial %q longer than %d bytes", cfg.Path, cfg.ID, IDLen)
 	}
+	if cfg.Overlay != "" && cfg.ReadOnly {
+		return nil, fmt.Errorf("virtio-blk %s: a read-only disk needs no overlay", cfg.Path)
+	}
 	flag := os.O_RDWR
-	if cfg.ReadOnly {
+	if cfg.ReadOnly || cfg.Overlay != "" {
 		flag = os.O_RDONLY
 	}
 	f, err := os.OpenFile(cfg.Path, flag, 0)
@@ -92,6 +99,13 @@ func New(cfg Config) (*Blk, error) {
 		f.Close()
 		return nil, fmt.Errorf("virtio-blk: stat disk image: %w", err)
 	}
+	var file backend = f
+	if cfg.Overlay != "" {
+		f.Close()
+		if file, err = openCOW(cfg.Path, cfg.Overlay); err != nil {
+			return nil, err
+		}
+	}
 	log := cfg.Log
 	if log == nil {
 		log = slog.Default()
@@ -100,7 +114,7 @@ func New(cfg Config) (*Blk, error) {
 	if fi.Size()%SectorSize != 0 {
 		log.Warn("virtio-blk: image size is not a multiple of 512; the tail is not visible to the guest", "size", fi.Size())
 	}
-	return &Blk{cfg: cfg, file: f, capacity: uint64(fi.Size()) / SectorSize, log: log}, nil
+	return &Blk{cfg: cfg, file: file, capacity: uint64(fi.Size()) / SectorSize, log: log}, nil
 }
 
 // Capacity is the disk size in 512-byte sectors.

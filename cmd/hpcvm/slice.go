@@ -47,8 +47,8 @@ type sliceOpts struct {
 }
 
 // sliceOutput is what a slice prints on stdout (one JSON object) when it
-// stops. Only slice 0 has results; reports are the values this slice's
-// vCPUs wrote to the report port.
+// stops. Only slice 0 has reports and results: every vCPU's device
+// accesses are performed on slice 0.
 type sliceOutput struct {
 	Slice   int               `json:"slice"`
 	Exit    string            `json:"exit"`
@@ -328,8 +328,8 @@ func runSlice(o *sliceOpts, stdout io.Writer) int {
 		MemBytes:  o.memBytes,
 		Loader:    microguest.Program{Code: o.code},
 		DonePort:  dsm.DonePort,
-		Setup: func(m *machine.Machine, g memory.Guest) error {
-			return m.IO.Register("report", dsm.ReportPort, 1, rep)
+		Setup: func(h *dsm.Home) error {
+			return h.Machine.IO.Register("report", dsm.ReportPort, 1, rep)
 		},
 		Finish: func(g memory.Guest) error {
 			for _, a := range o.results {

@@ -70,8 +70,8 @@ func sliceSpec(i int, addrs []string, ln net.Listener, placement [][]int, prog s
 		Placement: placement, MemBytes: testMem,
 		Loader:   microguest.Program{Code: p.Build(iters)},
 		DonePort: portDone,
-		Setup: func(m *machine.Machine, g memory.Guest) error {
-			return m.IO.Register("report", portReport, 1, rep)
+		Setup: func(h *Home) error {
+			return h.Machine.IO.Register("report", portReport, 1, rep)
 		},
 		Finish: func(g memory.Guest) error {
 			for _, a := range p.Results {
@@ -138,4 +138,63 @@ func runInProcess(t testing.TB, n, ncpu int, prog string, iters int) vmRun {
 
 func (r vmRun) String() string {
 	return fmt.Sprintf("reports %v finals %v in %v, stats %+v", r.reports, r.finals, r.elapsed.Round(time.Millisecond), r.stats)
+}
+
+// customVM describes a distributed VM for runCustom.
+type customVM struct {
+	placement [][]int
+	mem       uint64 // default testMem
+	loader    machine.Loader
+	setup     func(h *Home) error          // slice 0's devices
+	finish    func(g memory.Guest) error   // slice 0, once every vCPU is done
+	timeout   time.Duration                // default 2 minutes
+	tweak     func(i int, cfg *SliceConfig) // last changes to slice i's config
+}
+
+// runCustom runs vm on len(placement) slices in this process over
+// loopback and returns every slice's result; it fails the test if a
+// slice fails.
+func runCustom(t testing.TB, vm customVM) []SliceResult {
+	t.Helper()
+	requireKVMAndUFFD(t)
+	n := len(vm.placement)
+	if vm.mem == 0 {
+		vm.mem = testMem
+	}
+	if vm.timeout == 0 {
+		vm.timeout = 2 * time.Minute
+	}
+	lns, addrs := loopbackListeners(t, n)
+	lg := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	ctx, cancel := context.WithTimeoutCause(context.Background(), vm.timeout, fmt.Errorf("distributed VM did not finish in %v", vm.timeout))
+	defer cancel()
+	res := make([]SliceResult, n)
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	for i := 0; i < n; i++ {
+		cfg := SliceConfig{
+			Transport: TransportConfig{ID: i, Addrs: addrs, Listener: lns[i], VMID: "test-vm", Secret: testSecret, Logger: lg,
+				PeerTimeout: 3 * time.Second, ConnectTimeout: 20 * time.Second},
+			Placement: vm.placement, MemBytes: vm.mem, Loader: vm.loader, DonePort: portDone,
+			Setup: vm.setup, Finish: vm.finish, Logger: lg,
+		}
+		if vm.tweak != nil {
+			vm.tweak(i, &cfg)
+		}
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			res[i], errs[i] = RunSlice(ctx, cfg)
+		}(i)
+	}
+	wg.Wait()
+	for i := 0; i < n; i++ {
+		if errs[i] != nil {
+			t.Fatalf("slice %d: %v", i, errs[i])
+		}
+		if res[i].Exit.Kind != machine.ExitPoweroff {
+			t.Fatalf("slice %d exit %v: %s", i, res[i].Exit.Kind, res[i].Exit.Reason)
+		}
+	}
+	return res
 }

@@ -79,6 +79,8 @@ type Stats struct {
 	HomeServed              atomic.Int64 // requests served as home
 	Invalidations           atomic.Int64 // copies this slice dropped
 	Fetches                 atomic.Int64 // copies this slice supplied
+	IOForwarded             atomic.Int64 // device accesses sent to slice 0
+	IOServed                atomic.Int64 // slice 0: forwarded device accesses performed
 }
 
 // NodeConfig configures a Node.
@@ -451,27 +453,68 @@ func (nd *Node) Deliver(from int, m *Msg) {
 		case MsgGrant:
 			nd.onGrant(from, idx, m)
 		case MsgFetchReply, MsgInvAck:
-			r := *m
-			r.Data = append([]byte(nil), m.Data...)
-			if len(m.Data) == 0 {
-				r.Data = nil
-			}
-			nd.pmu.Lock()
-			ch := nd.pending[m.ReqID]
-			delete(nd.pending, m.ReqID)
-			nd.pmu.Unlock()
-			if ch == nil {
-				nd.fail(fmt.Errorf("%w: slice %d sent an unexpected %v (request %d)", ErrProtocol, from, m.Type, m.ReqID))
-				return
-			}
-			ch <- r
+			nd.reply(from, m)
 		}
+		return
+	}
+	if m.Type == MsgIOReply {
+		nd.reply(from, m)
 		return
 	}
 	if nd.control != nil {
 		nd.control(from, m)
 	}
 }
+
+// reply hands a reply to the goroutine waiting for it (callMany, Call).
+func (nd *Node) reply(from int, m *Msg) {
+	r := *m
+	r.Data = nil
+	if len(m.Data) > 0 {
+		r.Data = append([]byte(nil), m.Data...)
+	}
+	nd.pmu.Lock()
+	ch := nd.pending[m.ReqID]
+	delete(nd.pending, m.ReqID)
+	nd.pmu.Unlock()
+	if ch == nil {
+		nd.fail(fmt.Errorf("%w: slice %d sent an unexpected %v (request %d)", ErrProtocol, from, m.Type, m.ReqID))
+		return
+	}
+	ch <- r
+}
+
+// Call sends m (given a fresh request id) to slice `to` and waits for the
+// reply carrying that id, or until abort is closed or the node fails.
+func (nd *Node) Call(to int, m *Msg, abort <-chan struct{}) (Msg, error) {
+	m.ReqID = nd.seq.Add(1)
+	ch := make(chan Msg, 1)
+	nd.pmu.Lock()
+	nd.pending[m.ReqID] = ch
+	nd.pmu.Unlock()
+	forget := func() {
+		nd.pmu.Lock()
+		delete(nd.pending, m.ReqID)
+		nd.pmu.Unlock()
+	}
+	if err := nd.tr.Send(to, m); err != nil {
+		forget()
+		return Msg{}, fmt.Errorf("slice %d: %w", to, err)
+	}
+	// On abort the entry stays: a late reply lands in the buffered
+	// channel instead of looking unexpected.
+	select {
+	case r := <-ch:
+		return r, nil
+	case <-abort:
+		return Msg{}, errAborted
+	case <-nd.ctx.Done():
+		return Msg{}, nd.ctxErr()
+	}
+}
+
+// errAborted: a Call's abort channel closed (the machine is stopping).
+var errAborted = errors.New("dsm: call aborted")
 
 // PeerFailed is called by the transport when a peer is lost.
 func (nd *Node) PeerFailed(peer int, err error) { nd.fail(err) }

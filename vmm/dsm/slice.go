@@ -25,17 +25,27 @@ type SliceConfig struct {
 	// Loader writes the boot image (on slice 0 only, before guest memory
 	// is registered) and sets up the vCPUs (on every slice).
 	Loader machine.Loader
-	// DonePort: each of this slice's vCPUs writes it once when finished.
-	// When every vCPU of every slice has, slice 0 calls Finish and stops
-	// the VM on all slices.
+	// DonePort: each vCPU writes it once when finished. When every vCPU
+	// has, slice 0 calls Finish and stops the VM on all slices.
 	DonePort uint16
-	// Setup registers this slice's devices (e.g. report ports). g is the
-	// coherent guest memory devices must use.
-	Setup func(m *machine.Machine, g memory.Guest) error
+	// Setup runs on slice 0 only and attaches the VM's devices: they all
+	// live on slice 0 (the home), and the other slices forward their
+	// vCPUs' port I/O and MMIO accesses to it.
+	Setup func(h *Home) error
 	// Finish runs on slice 0 once all vCPUs are done, before shutdown,
 	// with coherent access to guest memory (e.g. to read results).
 	Finish func(g memory.Guest) error
 	Logger *slog.Logger
+}
+
+// Home is what slice 0's Setup gets to attach the VM's devices.
+type Home struct {
+	// Machine's buses (IO, MMIO) receive the accesses of every vCPU of
+	// every slice.
+	Machine *machine.Machine
+	// Memory is coherent guest memory: devices must use it (never the
+	// RAM directly).
+	Memory memory.Guest
 }
 
 // SliceResult is the outcome of RunSlice.
@@ -47,12 +57,13 @@ type SliceResult struct {
 // StatsSnapshot is a copy of Stats.
 type StatsSnapshot struct {
 	ReadFaults, WriteFaults, Requests, HomeServed, Invalidations, Fetches int64
+	IOForwarded, IOServed                                                 int64
 }
 
 // Snapshot copies the counters.
 func (s *Stats) Snapshot() StatsSnapshot {
 	return StatsSnapshot{s.ReadFaults.Load(), s.WriteFaults.Load(), s.Requests.Load(), s.HomeServed.Load(),
-		s.Invalidations.Load(), s.Fetches.Load()}
+		s.Invalidations.Load(), s.Fetches.Load(), s.IOForwarded.Load(), s.IOServed.Load()}
 }
 
 // imageLoaded wraps a loader whose image is already in memory (or comes
@@ -74,8 +85,8 @@ type sliceRun struct {
 
 	mu       sync.Mutex
 	m        *machine.Machine
+	ready    chan struct{} // closed once m is set (or the slice gives up)
 	stop     *machine.Exit // requested before the machine existed
-	done     int           // slice 0: slices whose vCPUs are done
 	acks     int           // slice 0: shutdown acks
 	finished bool
 }
@@ -98,7 +109,9 @@ func RunSlice(ctx context.Context, cfg SliceConfig) (SliceResult, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	s := &sliceRun{cfg: cfg, id: cfg.Transport.ID, n: len(cfg.Transport.Addrs)}
+	s := &sliceRun{cfg: cfg, id: cfg.Transport.ID, n: len(cfg.Transport.Addrs), ready: make(chan struct{})}
+	readyOnce := sync.OnceFunc(func() { close(s.ready) })
+	defer readyOnce()
 	s.log = cfg.Logger.With("slice", s.id)
 	ncpu, err := CheckPlacement(cfg.Placement, s.n)
 	if err != nil {
@@ -132,28 +145,28 @@ func RunSlice(ctx context.Context, cfg SliceConfig) (SliceResult, error) {
 	defer s.node.Close()
 	run := append([]int{}, s.vcpus...) // non-nil: machine treats nil as "all vCPUs"
 	m, err := machine.New(machine.Config{CPUs: s.ncpu, MemBytes: cfg.MemBytes, Loader: imageLoaded{cfg.Loader},
-		RAM: ram, RunVCPUs: run, Logger: cfg.Logger})
+		RAM: ram, RunVCPUs: run, Logger: cfg.Logger, Hooks: &sliceHooks{s: s}})
 	if err != nil {
 		return SliceResult{}, err
 	}
 	defer m.Close()
-	if err := m.IO.Register("dsm-done", uint64(cfg.DonePort), 1, &doneDev{s: s}); err != nil {
-		return SliceResult{}, err
-	}
-	if cfg.Setup != nil {
-		if err := cfg.Setup(m, s.node); err != nil {
+	if s.id == 0 {
+		if err := m.IO.Register("dsm-done", uint64(cfg.DonePort), 1, &doneDev{s: s}); err != nil {
 			return SliceResult{}, err
+		}
+		if cfg.Setup != nil {
+			if err := cfg.Setup(&Home{Machine: m, Memory: s.node}); err != nil {
+				return SliceResult{}, err
+			}
 		}
 	}
 	s.mu.Lock()
 	s.m = m
 	pre := s.stop
 	s.mu.Unlock()
+	readyOnce()
 	if pre != nil {
 		m.Stop(pre.Kind, pre.Reason, pre.Err)
-	}
-	if len(s.vcpus) == 0 {
-		s.localDone()
 	}
 	exit := m.Run(ctx)
 	if exit.Kind != machine.ExitError && exit.Kind != machine.ExitStopped {
@@ -176,7 +189,8 @@ func RunSlice(ctx context.Context, cfg SliceConfig) (SliceResult, error) {
 	return res, nil
 }
 
-// doneDev counts this slice's vCPUs reaching the done port.
+// doneDev (on slice 0) counts the vCPUs of all slices reaching the done
+// port: the other slices forward their writes like any port I/O.
 type doneDev struct {
 	s     *sliceRun
 	mu    sync.Mutex
@@ -187,33 +201,27 @@ func (d *doneDev) Read(uint64, []byte) {}
 func (d *doneDev) Write(uint64, []byte) {
 	d.mu.Lock()
 	d.count++
-	last := d.count == len(d.s.vcpus)
+	last := d.count == d.s.ncpu
 	d.mu.Unlock()
 	if last {
-		d.s.localDone()
+		d.s.log.Debug("dsm: every vCPU is done")
+		go d.s.finish()
 	}
 }
 
-func (s *sliceRun) localDone() {
-	s.log.Debug("dsm slice vCPUs done")
-	go s.node.send(0, &Msg{Type: MsgDone})
-}
-
-// control handles done/shutdown messages (on a reader goroutine).
+// control handles the non-page messages (on a reader goroutine).
 func (s *sliceRun) control(from int, m *Msg) {
 	switch m.Type {
-	case MsgDone:
+	case MsgIOReq:
 		if s.id != 0 {
-			s.node.fail(fmt.Errorf("%w: slice %d sent done to slice %d", ErrProtocol, from, s.id))
+			s.node.fail(fmt.Errorf("%w: slice %d forwarded I/O to slice %d, not the home", ErrProtocol, from, s.id))
 			return
 		}
-		s.mu.Lock()
-		s.done++
-		all := s.done == s.n
-		s.mu.Unlock()
-		if all {
-			go s.finish()
-		}
+		r := *m
+		r.Data = append([]byte(nil), m.Data...)
+		// Devices may need guest pages from the very slice whose reader
+		// this is: never run them on the reader goroutine.
+		go s.serveIO(from, &r)
 	case MsgShutdown:
 		s.tr.SetClosing()
 		s.node.send(0, &Msg{Type: MsgShutdownAck})

@@ -19,16 +19,21 @@ import (
 //	reqID   uint64  request id; replies carry the request's id
 const (
 	Magic       = 0x48564D44 // "HVMD"
-	Version     = 1
+	Version     = 2
 	HeaderSize  = 20
-	MaxPayload  = pagePayloadSize + PageSize
+	MaxPayload  = ioReqSize + PageSize // the largest: a string port write
 	PageSize    = 4096
 	NonceSize   = 32
 	MACSize     = 32
 	MaxVMIDLen  = 128
 	MaxErrorLen = 1024
 
-	pagePayloadSize = 9 // page number + flags
+	pagePayloadSize = 9  // page number + flags
+	ioReqSize       = 15 // address, vCPU, space, flags, size, count
+
+	// MaxIOData bounds the data of one forwarded access: KVM hands a
+	// string port access over in (at most) one page.
+	MaxIOData = PageSize
 )
 
 // MsgType identifies a frame.
@@ -50,16 +55,18 @@ const (
 	MsgInvalidate  MsgType = 20 // home -> holder: drop your copy (send it if WantData)
 	MsgInvAck      MsgType = 21 // holder -> home: dropped (with data if asked)
 	MsgGrant       MsgType = 22 // home -> requester: access granted (with data if needed)
-	MsgDone        MsgType = 32 // slice -> slice 0: my vCPUs finished
 	MsgShutdown    MsgType = 33 // slice 0 -> all: stop the VM
 	MsgShutdownAck MsgType = 34 // slice -> slice 0: stopping, will not need pages
+	MsgIOReq       MsgType = 40 // slice -> slice 0: a vCPU's port I/O or MMIO access, for the home's devices
+	MsgIOReply     MsgType = 41 // slice 0 -> slice: access done (with the data read)
 )
 
 var typeNames = map[MsgType]string{
 	MsgHello: "hello", MsgChallenge: "challenge", MsgProof: "proof", MsgWelcome: "welcome",
 	MsgError: "error", MsgHeartbeat: "heartbeat", MsgReadReq: "read-req", MsgWriteReq: "write-req",
 	MsgFetch: "fetch", MsgFetchReply: "fetch-reply", MsgInvalidate: "invalidate", MsgInvAck: "inv-ack",
-	MsgGrant: "grant", MsgDone: "done", MsgShutdown: "shutdown", MsgShutdownAck: "shutdown-ack",
+	MsgGrant: "grant", MsgShutdown: "shutdown", MsgShutdownAck: "shutdown-ack",
+	MsgIOReq: "io-req", MsgIOReply: "io-reply",
 }
 
 func (t MsgType) String() string {
@@ -85,6 +92,14 @@ const (
 // the zero marker).
 func (f PageFlags) HasContent() bool { return f&(FlagData|FlagZero) != 0 }
 
+// IOSpace says which address space a forwarded access is in.
+type IOSpace uint8
+
+const (
+	SpacePort IOSpace = 0 // port I/O: Addr is the port
+	SpaceMMIO IOSpace = 1 // MMIO: Addr is a guest-physical address outside RAM
+)
+
 // Msg is a decoded frame. Which fields are meaningful depends on Type.
 type Msg struct {
 	Type  MsgType
@@ -93,7 +108,17 @@ type Msg struct {
 	// Page messages (ReadReq..Grant).
 	Page  uint64 // guest page frame number (guest-physical address / PageSize)
 	Flags PageFlags
-	Data  []byte // PageSize bytes when Flags has FlagData
+	// Data: PageSize bytes of a page message with FlagData; the bytes
+	// written by an IOReq write; the bytes read in an IOReply.
+	Data []byte
+
+	// IOReq: a vCPU's access of Count elements of Size bytes at Addr.
+	Addr    uint64
+	VCPU    uint16
+	Space   IOSpace
+	IOWrite bool
+	Size    uint8
+	Count   uint16
 
 	// Hello / Challenge / Proof.
 	From, To uint16
@@ -150,12 +175,66 @@ func AppendFrame(b []byte, m *Msg) ([]byte, error) {
 		b = binary.BigEndian.AppendUint16(b, m.Code)
 		b = binary.BigEndian.AppendUint16(b, uint16(len(text)))
 		b = append(b, text...)
-	case m.Type == MsgWelcome || m.Type == MsgHeartbeat || m.Type == MsgDone || m.Type == MsgShutdownAck:
+	case m.Type == MsgIOReq:
+		if err := checkIOReq(m); err != nil {
+			return nil, fmt.Errorf("dsm: encoding: %w", err)
+		}
+		b = binary.BigEndian.AppendUint64(b, m.Addr)
+		b = binary.BigEndian.AppendUint16(b, m.VCPU)
+		var fl byte
+		if m.IOWrite {
+			fl = 1
+		}
+		b = append(b, byte(m.Space), fl, m.Size)
+		b = binary.BigEndian.AppendUint16(b, m.Count)
+		b = append(b, m.Data...)
+	case m.Type == MsgIOReply:
+		if len(m.Data) > MaxIOData {
+			return nil, fmt.Errorf("dsm: io-reply with %d data bytes (at most %d)", len(m.Data), MaxIOData)
+		}
+		b = append(b, m.Data...)
+	case m.Type == MsgWelcome || m.Type == MsgHeartbeat || m.Type == MsgShutdownAck:
 	default:
 		return nil, fmt.Errorf("dsm: cannot encode message type %v", m.Type)
 	}
 	binary.BigEndian.PutUint32(b[start+8:], uint32(len(b)-start-HeaderSize))
 	return b, nil
+}
+
+// checkIOReq validates a forwarded access: a known space, an access width
+// the space allows, one element for MMIO, at most MaxIOData bytes, a port
+// number for port I/O, and data exactly for writes.
+func checkIOReq(m *Msg) error {
+	n := int(m.Size) * int(m.Count)
+	switch m.Space {
+	case SpacePort:
+		if m.Size != 1 && m.Size != 2 && m.Size != 4 {
+			return fmt.Errorf("io-req: port access of %d bytes", m.Size)
+		}
+		if m.Addr > 0xFFFF {
+			return fmt.Errorf("io-req: port %#x out of range", m.Addr)
+		}
+	case SpaceMMIO:
+		if m.Size != 1 && m.Size != 2 && m.Size != 4 && m.Size != 8 {
+			return fmt.Errorf("io-req: MMIO access of %d bytes", m.Size)
+		}
+		if m.Count != 1 {
+			return fmt.Errorf("io-req: MMIO access of %d elements", m.Count)
+		}
+	default:
+		return fmt.Errorf("io-req: unknown address space %d", m.Space)
+	}
+	if m.Count == 0 || n > MaxIOData {
+		return fmt.Errorf("io-req: %d elements of %d bytes (1..%d bytes in all)", m.Count, m.Size, MaxIOData)
+	}
+	want := 0
+	if m.IOWrite {
+		want = n
+	}
+	if len(m.Data) != want {
+		return fmt.Errorf("io-req: %d data bytes for a %d-byte %s", len(m.Data), n, map[bool]string{true: "write", false: "read"}[m.IOWrite])
+	}
+	return nil
 }
 
 // ErrProtocol wraps every decoding failure.
@@ -259,7 +338,33 @@ func decodePayload(t MsgType, id uint64, p []byte) (Msg, error) {
 			return Msg{}, protoErr("%v text is not UTF-8", t)
 		}
 		m.Text = string(p[4:])
-	case t == MsgWelcome || t == MsgHeartbeat || t == MsgDone || t == MsgShutdownAck:
+	case t == MsgIOReq:
+		if len(p) < ioReqSize {
+			return Msg{}, protoErr("io-req payload of %d bytes", len(p))
+		}
+		m.Addr = binary.BigEndian.Uint64(p)
+		m.VCPU = binary.BigEndian.Uint16(p[8:])
+		m.Space = IOSpace(p[10])
+		if p[11]&^1 != 0 {
+			return Msg{}, protoErr("io-req with unknown flags %#x", p[11])
+		}
+		m.IOWrite = p[11]&1 != 0
+		m.Size = p[12]
+		m.Count = binary.BigEndian.Uint16(p[13:])
+		if len(p) > ioReqSize {
+			m.Data = p[ioReqSize:]
+		}
+		if err := checkIOReq(&m); err != nil {
+			return Msg{}, fmt.Errorf("%w: %v", ErrProtocol, err)
+		}
+	case t == MsgIOReply:
+		if len(p) > MaxIOData {
+			return Msg{}, protoErr("io-reply with %d data bytes", len(p))
+		}
+		if len(p) > 0 {
+			m.Data = p
+		}
+	case t == MsgWelcome || t == MsgHeartbeat || t == MsgShutdownAck:
 		if len(p) != 0 {
 			return Msg{}, protoErr("%v with %d payload bytes", t, len(p))
 		}

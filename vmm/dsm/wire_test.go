@@ -28,7 +28,11 @@ func sampleMsgs() []Msg {
 		{Type: MsgInvalidate, ReqID: 10, Page: 5, Flags: FlagWantData},
 		{Type: MsgInvAck, ReqID: 10, Page: 5, Flags: FlagZero},
 		{Type: MsgGrant, ReqID: 8, Page: 5, Flags: FlagExclusive | FlagData, Data: page},
-		{Type: MsgDone},
+		{Type: MsgIOReq, ReqID: 11, Addr: 0x3F8, VCPU: 3, Space: SpacePort, IOWrite: true, Size: 1, Count: 2, Data: []byte{'h', 'i'}},
+		{Type: MsgIOReq, ReqID: 12, Addr: 0xD0000004, VCPU: 1, Space: SpaceMMIO, Size: 4, Count: 1},
+		{Type: MsgIOReq, ReqID: 13, Addr: 0x10, Space: SpacePort, IOWrite: true, Size: 4, Count: 1024, Data: bytes.Repeat([]byte{7}, 4096)},
+		{Type: MsgIOReply, ReqID: 12, Data: []byte{1, 2, 3, 4}},
+		{Type: MsgIOReply, ReqID: 11},
 		{Type: MsgShutdown, Text: "all slices done"},
 		{Type: MsgShutdownAck},
 	}
@@ -83,6 +87,32 @@ func TestDecodeRejects(t *testing.T) {
 				t.Fatalf("DecodeFrame: %v, want ErrProtocol", err)
 			}
 		})
+	}
+}
+
+func TestIOReqRejects(t *testing.T) {
+	for _, m := range []Msg{
+		{Type: MsgIOReq, Space: 2, Size: 1, Count: 1},
+		{Type: MsgIOReq, Space: SpacePort, Size: 8, Count: 1},
+		{Type: MsgIOReq, Space: SpacePort, Size: 3, Count: 1},
+		{Type: MsgIOReq, Space: SpacePort, Addr: 0x10000, Size: 1, Count: 1},
+		{Type: MsgIOReq, Space: SpaceMMIO, Size: 4, Count: 2},
+		{Type: MsgIOReq, Space: SpaceMMIO, Size: 16, Count: 1},
+		{Type: MsgIOReq, Space: SpacePort, Size: 1, Count: 0},
+		{Type: MsgIOReq, Space: SpacePort, Size: 4, Count: 1025, IOWrite: true, Data: make([]byte, 4100)},
+		{Type: MsgIOReq, Space: SpacePort, Size: 1, Count: 1, IOWrite: true},
+		{Type: MsgIOReq, Space: SpacePort, Size: 1, Count: 1, Data: []byte{1}},
+		{Type: MsgIOReply, Data: make([]byte, MaxIOData+1)},
+	} {
+		if _, err := AppendFrame(nil, &m); err == nil {
+			t.Errorf("encoded a bad %+v", m)
+		}
+	}
+	// Unknown IO flags on the wire.
+	good, _ := AppendFrame(nil, &Msg{Type: MsgIOReq, Space: SpacePort, Size: 1, Count: 1})
+	good[HeaderSize+11] = 0x80
+	if _, err := DecodeFrame(good); !errors.Is(err, ErrProtocol) {
+		t.Fatalf("io-req with unknown flags: %v", err)
 	}
 }
 

@@ -49,6 +49,8 @@ type Config struct {
 	// A slice of a distributed VM creates and runs only its own vCPUs,
 	// but every slice knows the VM has CPUs vCPUs (CPUID topology, ACPI).
 	RunVCPUs []int
+	// Hooks, if set, take part in every vCPU's run loop (distributed.go).
+	Hooks Hooks
 }
 
 // ExitKind says why a machine stopped.
@@ -324,6 +326,12 @@ func (m *Machine) runVCPU(c *kvm.VCPU) {
 		if m.checkpoint() {
 			return
 		}
+		if m.cfg.Hooks != nil {
+			if err := m.cfg.Hooks.BeforeRun(c); err != nil {
+				m.Stop(ExitError, err.Error(), err)
+				return
+			}
+		}
 		exit, err := c.Run()
 		if errors.Is(err, kvm.ErrInterrupted) {
 			continue
@@ -340,6 +348,11 @@ func (m *Machine) runVCPU(c *kvm.VCPU) {
 }
 
 func (m *Machine) handleExit(c *kvm.VCPU, e kvm.Exit) error {
+	if m.cfg.Hooks != nil {
+		if handled, err := m.cfg.Hooks.HandleExit(c, &e); handled || err != nil {
+			return err
+		}
+	}
 	switch e.Reason {
 	case kvm.ExitIO:
 		for off := 0; off+e.IOSize <= len(e.IOData); off += e.IOSize {

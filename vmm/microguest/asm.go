@@ -222,6 +222,10 @@ func (a *Asm) In(port uint16) {
 	a.emit(0xED) // in eax, dx
 }
 
+// Raw emits machine code bytes as given, for instructions the assembler
+// has no method for (e.g. rep outsb F3 6E, iretq 48 CF).
+func (a *Asm) Raw(b ...byte) { a.emit(b...) }
+
 // Label defines name at the current position.
 func (a *Asm) Label(name string) { a.labels[name] = len(a.buf) }
 

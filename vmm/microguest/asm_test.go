@@ -29,6 +29,7 @@ func TestEncodings(t *testing.T) {
 		{"out 0x10, eax", func(a *Asm) { a.Out(0x10) }, []byte{0x66, 0xBA, 0x10, 0x00, 0xEF}},
 		{"self jmp", func(a *Asm) { a.Label("x"); a.Jmp("x") }, []byte{0xE9, 0xFB, 0xFF, 0xFF, 0xFF}},
 		{"forward jne", func(a *Asm) { a.J(NotEqual, "y"); a.Label("y") }, []byte{0x0F, 0x85, 0, 0, 0, 0}},
+		{"raw iretq after a label", func(a *Asm) { a.Raw(0x48, 0xCF); a.Label("z"); a.Jmp("z") }, []byte{0x48, 0xCF, 0xE9, 0xFB, 0xFF, 0xFF, 0xFF}},
 	}
 	for _, tt := range tests {
 		a := NewAsm()

@@ -30,8 +30,9 @@ type Config struct {
 	Image    string
 	CPUs     int
 	MemBytes uint64
-	// Verify recomputes the image's checksums before booting and refuses
-	// an image that does not match its manifest.
+	// Verify checks the image's checksums before booting and refuses an
+	// image that does not match its manifest (cached while the files are
+	// unchanged, see verifyImage).
 	Verify bool
 	// WorkDir holds the VM's disk copy and sockets (default: a new
 	// directory under os.TempDir()); it is removed by Close.
@@ -82,14 +83,8 @@ func Start(ctx context.Context, cfg Config) (*VM, error) {
 		return nil, err
 	}
 	if cfg.Verify {
-		res, err := cfg.Store.Verify(ctx, cfg.Image)
-		if err != nil {
+		if err := verifyImage(ctx, cfg.Store, m); err != nil {
 			return nil, err
-		}
-		for _, r := range res {
-			if !r.OK() {
-				return nil, fmt.Errorf("image %s: %s does not match its manifest (%w); rebuild it with hpcvm image build", cfg.Image, r.Artifact.Name, images.ErrCorrupt)
-			}
 		}
 	}
 	v := &VM{cfg: cfg, done: make(chan struct{})}

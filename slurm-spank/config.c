@@ -3,7 +3,7 @@
  *
  *   required /usr/lib/slurm/hpcvm_spank.so hpcvm=/usr/bin/hpcvm \
  *       policy_dir=/etc/hpcvm/policy.d image_store=/var/lib/hpcvm/images \
- *       runtime_dir=/run/hpcvm
+ *       runtime_dir=/run/hpcvm [vmm=/usr/bin/hpcvm]
  *
  * Every argument is KEY=VALUE with an absolute path; an unknown key is an
  * error, so a misspelt setting never silently falls back to a default.
@@ -47,6 +47,7 @@ int hpcvm_config_parse(struct hpcvm_config *cfg, int ac, char **av)
 			{"policy_dir", cfg->policy_dir},
 			{"image_store", cfg->image_store},
 			{"runtime_dir", cfg->runtime_dir},
+			{"vmm", cfg->vmm},
 		};
 		int found = 0;
 
@@ -62,7 +63,7 @@ int hpcvm_config_parse(struct hpcvm_config *cfg, int ac, char **av)
 				return -1;
 		}
 		if (!found) {
-			slurm_error("%s: unknown plugstack argument \"%s\" (known: hpcvm=, policy_dir=, image_store=, runtime_dir=)",
+			slurm_error("%s: unknown plugstack argument \"%s\" (known: hpcvm=, policy_dir=, image_store=, runtime_dir=, vmm=)",
 				    HPCVM_PLUGIN, av[i]);
 			return -1;
 		}

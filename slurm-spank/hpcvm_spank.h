@@ -20,6 +20,7 @@ struct hpcvm_config {
 	char policy_dir[4096];   /* site policy directory */
 	char image_store[4096];  /* image store */
 	char runtime_dir[4096];  /* per-job runtime files on compute nodes */
+	char vmm[4096];          /* binary the VMM slices run (`vmm run`); empty: hpcvm */
 };
 
 /* Values of the user's --vm-* options (options.c); NULL when not given. */

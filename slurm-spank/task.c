@@ -12,6 +12,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <slurm/slurm.h> /* SLURM_BATCH_SCRIPT */
+
 #include "hpcvm_spank.h"
 
 /* Set by `hpcvm launch` on the steps it starts itself (the VMMs): those are
@@ -33,6 +35,7 @@ int hpcvm_exec_launcher(spank_t sp, const struct hpcvm_state *st)
 	struct hpcvm_argv a = {0};
 	int argc = 0;
 	char **argv = NULL, **env = NULL;
+	uint32_t stepid = 0;
 	spank_err_t rc;
 
 	if ((rc = spank_get_item(sp, S_JOB_ENV, &env)) != ESPANK_SUCCESS) {
@@ -46,8 +49,17 @@ int hpcvm_exec_launcher(spank_t sp, const struct hpcvm_state *st)
 		return -1;
 	}
 
+	if ((rc = spank_get_item(sp, S_JOB_STEPID, &stepid)) != ESPANK_SUCCESS) {
+		slurm_error("%s: cannot get the step id: %s", HPCVM_PLUGIN, spank_strerror(rc));
+		return -1;
+	}
+
 	hpcvm_argv_add(&a, c->hpcvm);
 	hpcvm_argv_add(&a, "launch");
+	if (stepid == SLURM_BATCH_SCRIPT)
+		hpcvm_argv_add(&a, "--batch");
+	if (c->vmm[0])
+		hpcvm_argv_addf(&a, "--vmm=%s", c->vmm);
 	hpcvm_argv_addf(&a, "--policy-dir=%s", c->policy_dir);
 	hpcvm_argv_addf(&a, "--image-store=%s", c->image_store);
 	hpcvm_argv_addf(&a, "--runtime-dir=%s", c->runtime_dir);

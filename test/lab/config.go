@@ -41,6 +41,9 @@ type Config struct {
 	// plugin is not configured when SpankSO is empty.
 	SpankSO   string
 	Plugstack []string
+	// DefMemPerNodeMiB is the memory a job gets per node when it does not
+	// ask (0: Slurm's default). The launcher sizes the guest from it.
+	DefMemPerNodeMiB int
 	// Extra lines appended to slurm.conf.
 	Extra []string
 }
@@ -117,6 +120,9 @@ func (c *Config) write() error {
 	w("KillWait=10")
 	w("UnkillableStepTimeout=60")
 	w("PlugStackConfig=%s", c.PlugstackConf())
+	if c.DefMemPerNodeMiB > 0 {
+		w("DefMemPerNode=%d", c.DefMemPerNodeMiB)
+	}
 	for _, n := range c.Nodes {
 		w("NodeName=%s NodeAddr=%s CPUs=%d RealMemory=%d State=UNKNOWN", n.Name, n.Addr, n.CPUs, n.MemMiB)
 	}

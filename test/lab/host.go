@@ -18,7 +18,7 @@ import (
 type HostOptions struct {
 	Nodes  int    // default 2
 	CPUs   int    // per node, default 2
-	MemMiB int    // per node RealMemory, default 1000
+	MemMiB int    // per node RealMemory, default 1000; also DefMemPerNode
 	Dir    string // required: state, logs, config
 	// SpankSO and Plugstack configure the hpcvm plugin (see Config).
 	SpankSO   string
@@ -90,7 +90,7 @@ func StartHost(ctx context.Context, o HostOptions) (_ *HostCluster, err error) {
 	}
 	c := &HostCluster{logf: o.Logf}
 	c.Config = Config{Dir: o.Dir, SpankSO: o.SpankSO, Plugstack: o.Plugstack,
-		MungeSocket: filepath.Join(o.Dir, "munge", "munge.socket")}
+		MungeSocket: filepath.Join(o.Dir, "munge", "munge.socket"), DefMemPerNodeMiB: o.MemMiB}
 	for i := 1; i <= o.Nodes; i++ {
 		c.Nodes = append(c.Nodes, NodeSpec{Name: fmt.Sprintf("n%d", i), Addr: nodeAddr(i), CPUs: o.CPUs, MemMiB: o.MemMiB})
 	}

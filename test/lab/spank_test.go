@@ -93,6 +93,7 @@ func spankCluster(t *testing.T) *spankLab {
 
 func TestMain(m *testing.M) {
 	code := m.Run()
+	closeLaunchLab()
 	if shared != nil {
 		shared.Close()
 		os.RemoveAll(filepath.Dir(shared.Dir))

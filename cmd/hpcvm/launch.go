@@ -1,0 +1,163 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"os/signal"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	launcher "github.com/hpcvm/hpcvm/job-launcher"
+)
+
+func init() {
+	register("launch", "run a Slurm job step in a VM (run by the SPANK plugin on compute nodes)", launchMain)
+}
+
+const launchUsage = `usage: hpcvm launch [options] -- COMMAND [ARGS...]
+       hpcvm launch slice --plan JSON
+
+The hpcvm SPANK plugin execs this in place of a job's task when the job was
+submitted with --vm-image. It boots the VM on the step's nodes (one
+'hpcvm launch slice' per node, started with srun --overlap), runs COMMAND in
+the guest with the job's SLURM_* environment and exits with its status.
+See docs/slurm.md.
+
+options:
+`
+
+func launchMain(args []string) int {
+	if len(args) > 0 && args[0] == "slice" {
+		return launchSlice(args[1:])
+	}
+	fs := flag.NewFlagSet("hpcvm launch", flag.ContinueOnError)
+	var o launcher.Options
+	fs.StringVar(&o.PolicyDir, "policy-dir", defaultPolicyDir, "site policy `DIR`")
+	fs.StringVar(&o.ImageStore, "image-store", "/var/lib/hpcvm/images", "image store `DIR`")
+	fs.StringVar(&o.RuntimeDir, "runtime-dir", "/run/hpcvm", "node-local `DIR` for per-step sockets, console and disk copy")
+	fs.StringVar(&o.Image, "image", "", "image `NAME` (--vm-image)")
+	fs.StringVar(&o.Mem, "mem", "", "guest memory per node (--vm-mem; default: the job's memory per node minus the VMM reserve)")
+	fs.IntVar(&o.CPUs, "cpus", 0, "vCPUs of the VM (--vm-cpus; default: all allocated CPUs)")
+	fs.StringVar(&o.CheckpointInterval, "checkpoint-interval", "", "--vm-checkpoint-interval")
+	fs.StringVar(&o.Console, "console", "", "write the guest console to `FILE` (--vm-console)")
+	fs.BoolVar(&o.Batch, "batch", false, "the command is a batch script to stage into the guest")
+	vmm := fs.String("vmm", "", "binary the slices run `vm run` with (default: this hpcvm)")
+	bootTimeout := fs.Duration("boot-timeout", 10*time.Minute, "give up if the guest agent does not answer within this")
+	verbose := fs.Bool("v", false, "log progress to stderr")
+	fs.Usage = func() {
+		fmt.Fprint(fs.Output(), launchUsage)
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
+		return 2
+	}
+	o.Argv = fs.Args()
+	o.BootTimeout = *bootTimeout
+	if o.Image == "" {
+		fmt.Fprintln(os.Stderr, "hpcvm launch: --image is required")
+		return 2
+	}
+	if len(o.Argv) == 0 {
+		fmt.Fprintln(os.Stderr, "hpcvm launch: no command after --")
+		return 2
+	}
+	self, err := os.Executable()
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "hpcvm launch: finding this binary: %v\n", err)
+		return 1
+	}
+	o.VMM = self
+	if *vmm != "" {
+		o.VMM = *vmm
+	}
+	level := slog.LevelWarn
+	if *verbose || os.Getenv("HPCVM_LAUNCH_DEBUG") == "1" {
+		level = slog.LevelDebug
+	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+
+	environ := os.Environ()
+	env, err := launcher.ParseEnv(environ)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "hpcvm launch: %v\n", err)
+		return 1
+	}
+	// Signals are caught before anything starts, so that scancel during
+	// the boot is handled (and not the default: die, leaving the VMMs to
+	// Slurm).
+	sigs := make(chan os.Signal, 8)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP, syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGCONT)
+	defer signal.Stop(sigs)
+	l := &launcher.Launcher{
+		Opts: o, Env: env, Environ: environ,
+		Policy:   launcher.ExecPolicy{Hpcvm: self, Dir: o.PolicyDir},
+		Images:   launcher.StoreImages{Dir: o.ImageStore},
+		Booter:   &launcher.SrunBooter{Hpcvm: self, Environ: environ, Log: log},
+		Walltime: func(ctx context.Context) int64 { return jobTimeLimit(ctx, env.JobID) },
+		Signals:  sigs, Stdout: os.Stdout, Stderr: os.Stderr, Log: log,
+	}
+	return l.Run(context.Background())
+}
+
+// jobTimeLimit asks scontrol for the job's TimeLimit in seconds (0 when
+// unknown: Slurm 22.05 does not put it in the environment).
+func jobTimeLimit(ctx context.Context, jobID string) int64 {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, "scontrol", "show", "job", "-o", jobID).Output()
+	if err != nil {
+		return 0
+	}
+	for _, f := range strings.Fields(string(out)) {
+		if v, ok := strings.CutPrefix(f, "TimeLimit="); ok {
+			d, err := launcher.ParseTimeLimit(v)
+			if err != nil {
+				return 0
+			}
+			return int64(d / time.Second)
+		}
+	}
+	return 0
+}
+
+// launchSlice is one node's VMM slice, started by the launcher via srun.
+func launchSlice(args []string) int {
+	fs := flag.NewFlagSet("hpcvm launch slice", flag.ContinueOnError)
+	planArg := fs.String("plan", "", "the step's plan (JSON, from hpcvm launch)")
+	index := fs.Int("index", -1, "this slice's index (default: $SLURM_PROCID)")
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
+		return 2
+	}
+	plan, err := launcher.DecodePlan(*planArg)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "hpcvm launch slice: %v\n", err)
+		return 2
+	}
+	if *index < 0 {
+		if *index, err = strconv.Atoi(os.Getenv("SLURM_PROCID")); err != nil {
+			fmt.Fprintln(os.Stderr, "hpcvm launch slice: no --index and no SLURM_PROCID")
+			return 2
+		}
+	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
+	defer stop()
+	if err := launcher.RunSlice(ctx, plan, *index, log); err != nil {
+		fmt.Fprintf(os.Stderr, "hpcvm launch slice: %v\n", err)
+		return 1
+	}
+	return 0
+}

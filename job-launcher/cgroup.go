@@ -1,0 +1,254 @@
+package launcher
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"strings"
+	"syscall"
+	"time"
+
+	cgroups "github.com/containerd/cgroups/v3"
+	"github.com/containerd/cgroups/v3/cgroup1"
+	"github.com/containerd/cgroups/v3/cgroup2"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+)
+
+// CgroupLimits are the VMM cgroup settings from the policy's effective
+// settings (policies.CgroupSettings); zero means "leave the kernel's default".
+type CgroupLimits struct {
+	MemoryMax       int64 `json:"memory_max,omitempty"`
+	MemoryHigh      int64 `json:"memory_high,omitempty"`
+	CPUWeight       int   `json:"cpu_weight,omitempty"`
+	CPUQuotaPercent int   `json:"cpu_quota_percent,omitempty"`
+	PidsMax         int   `json:"pids_max,omitempty"`
+	IOWeight        int   `json:"io_weight,omitempty"`
+}
+
+// Cgroup is the cgroup a slice's VMM runs in: a child of the slice's own
+// cgroup (Slurm's job/step cgroup when Slurm uses one), so the VMM stays
+// within the job's limits whatever this one says.
+type Cgroup interface {
+	// Add moves a process into the cgroup.
+	Add(pid int) error
+	// Start starts cmd inside the cgroup: its first instruction already
+	// runs there (v2: clone3 CLONE_INTO_CGROUP; v1: the caller moves
+	// itself in around the fork and back out).
+	Start(cmd *exec.Cmd) error
+	// Path is the cgroup's path (v2), or the memory controller's (v1).
+	Path() string
+	// Destroy kills whatever is left in the cgroup and removes it.
+	Destroy() error
+}
+
+const cpuPeriodUS = 100000
+
+// NewCgroup creates the cgroup name below the calling process's cgroup on a
+// v2 (unified) host, or in each v1 controller hierarchy on v1 and hybrid
+// hosts (cgroups.Mode()).
+func NewCgroup(name string, lim CgroupLimits) (Cgroup, error) {
+	if strings.ContainsAny(name, "/") || name == "" || name == "." || name == ".." {
+		return nil, fmt.Errorf("cgroup name %q: must be one path element", name)
+	}
+	switch cgroups.Mode() {
+	case cgroups.Unified:
+		return newV2(name, lim)
+	case cgroups.Legacy, cgroups.Hybrid:
+		return newV1(name, lim)
+	default:
+		return nil, errors.New("no cgroup hierarchy is mounted")
+	}
+}
+
+type v2Cgroup struct {
+	m    *cgroup2.Manager
+	path string
+}
+
+func newV2(name string, lim CgroupLimits) (Cgroup, error) {
+	parent, err := cgroup2.NestedGroupPath("")
+	if err != nil {
+		return nil, fmt.Errorf("cgroup v2: this process's cgroup: %w", err)
+	}
+	group := strings.TrimSuffix(parent, "/") + "/" + name
+	res := &cgroup2.Resources{}
+	if lim.MemoryMax > 0 || lim.MemoryHigh > 0 {
+		res.Memory = &cgroup2.Memory{}
+		if lim.MemoryMax > 0 {
+			res.Memory.Max = &lim.MemoryMax
+		}
+		if lim.MemoryHigh > 0 {
+			res.Memory.High = &lim.MemoryHigh
+		}
+	}
+	if lim.CPUWeight > 0 || lim.CPUQuotaPercent > 0 {
+		res.CPU = &cgroup2.CPU{}
+		if lim.CPUWeight > 0 {
+			w := uint64(lim.CPUWeight)
+			res.CPU.Weight = &w
+		}
+		if lim.CPUQuotaPercent > 0 {
+			q, p := int64(lim.CPUQuotaPercent)*cpuPeriodUS/100, uint64(cpuPeriodUS)
+			res.CPU.Max = cgroup2.NewCPUMax(&q, &p)
+		}
+	}
+	if lim.PidsMax > 0 {
+		res.Pids = &cgroup2.Pids{Max: int64(lim.PidsMax)}
+	}
+	if lim.IOWeight > 0 {
+		res.IO = &cgroup2.IO{BFQ: cgroup2.BFQ{Weight: uint16(lim.IOWeight)}}
+	}
+	m, err := cgroup2.NewManager("/sys/fs/cgroup", group, res)
+	if err != nil {
+		return nil, fmt.Errorf("cgroup v2 %s: %w", group, err)
+	}
+	return &v2Cgroup{m: m, path: "/sys/fs/cgroup" + group}, nil
+}
+
+func (c *v2Cgroup) Add(pid int) error {
+	if err := c.m.AddProc(uint64(pid)); err != nil {
+		return fmt.Errorf("cgroup %s: adding pid %d: %w", c.path, pid, err)
+	}
+	return nil
+}
+
+func (c *v2Cgroup) Path() string { return c.path }
+
+func (c *v2Cgroup) Start(cmd *exec.Cmd) error {
+	fd, err := os.Open(c.path)
+	if err != nil {
+		return fmt.Errorf("cgroup %s: %w", c.path, err)
+	}
+	defer fd.Close()
+	if cmd.SysProcAttr == nil {
+		cmd.SysProcAttr = &syscall.SysProcAttr{}
+	}
+	cmd.SysProcAttr.UseCgroupFD = true
+	cmd.SysProcAttr.CgroupFD = int(fd.Fd())
+	return cmd.Start()
+}
+
+func (c *v2Cgroup) Destroy() error {
+	_ = c.m.Kill()
+	return retryBusy(func() error { return c.m.Delete() })
+}
+
+type v1Cgroup struct {
+	cg, parent cgroup1.Cgroup
+	path       string
+}
+
+// v1Hierarchy is the controllers the VMM cgroup uses on v1: only those, so
+// that a host without (say) blkio still works.
+func v1Hierarchy() ([]cgroup1.Subsystem, error) {
+	all, err := cgroup1.Default()
+	if err != nil {
+		return nil, err
+	}
+	var out []cgroup1.Subsystem
+	for _, s := range all {
+		switch s.Name() {
+		case cgroup1.Memory, cgroup1.Cpu, cgroup1.Pids, cgroup1.Blkio, cgroup1.Freezer:
+			out = append(out, s)
+		}
+	}
+	if len(out) == 0 {
+		return nil, errors.New("no memory, cpu, pids, blkio or freezer controller mounted")
+	}
+	return out, nil
+}
+
+func newV1(name string, lim CgroupLimits) (Cgroup, error) {
+	res := &specs.LinuxResources{}
+	if lim.MemoryMax > 0 || lim.MemoryHigh > 0 {
+		res.Memory = &specs.LinuxMemory{}
+		if lim.MemoryMax > 0 {
+			res.Memory.Limit = &lim.MemoryMax
+		}
+		if lim.MemoryHigh > 0 {
+			res.Memory.Reservation = &lim.MemoryHigh // v1 has no memory.high; soft limit is the nearest
+		}
+	}
+	if lim.CPUWeight > 0 || lim.CPUQuotaPercent > 0 {
+		res.CPU = &specs.LinuxCPU{}
+		if lim.CPUWeight > 0 {
+			// cgroup v2 weight 1..10000 (default 100) to v1 shares 2..262144 (default 1024).
+			shares := uint64(2 + ((lim.CPUWeight-1)*262142)/9999)
+			res.CPU.Shares = &shares
+		}
+		if lim.CPUQuotaPercent > 0 {
+			q, p := int64(lim.CPUQuotaPercent)*cpuPeriodUS/100, uint64(cpuPeriodUS)
+			res.CPU.Quota, res.CPU.Period = &q, &p
+		}
+	}
+	if lim.PidsMax > 0 {
+		n := int64(lim.PidsMax)
+		res.Pids = &specs.LinuxPids{Limit: &n}
+	}
+	if lim.IOWeight > 0 {
+		w := uint16(10 + ((lim.IOWeight-1)*990)/9999) // v1 blkio.weight is 10..1000
+		res.BlockIO = &specs.LinuxBlockIO{Weight: &w}
+	}
+	parent, err := cgroup1.Load(cgroup1.NestedPath(""), cgroup1.WithHierarchy(v1Hierarchy))
+	if err != nil {
+		return nil, fmt.Errorf("cgroup v1: this process's cgroup: %w", err)
+	}
+	cg, err := cgroup1.New(cgroup1.NestedPath(name), res, cgroup1.WithHierarchy(v1Hierarchy))
+	if err != nil {
+		return nil, fmt.Errorf("cgroup v1 %s: %w", name, err)
+	}
+	path := name
+	if p, err := cgroup1.NestedPath(name)(cgroup1.Memory); err == nil {
+		path = "/sys/fs/cgroup/memory" + p
+	}
+	return &v1Cgroup{cg: cg, parent: parent, path: path}, nil
+}
+
+func (c *v1Cgroup) Add(pid int) error {
+	if err := c.cg.AddProc(uint64(pid)); err != nil {
+		return fmt.Errorf("cgroup %s: adding pid %d: %w", c.path, pid, err)
+	}
+	return nil
+}
+
+func (c *v1Cgroup) Path() string { return c.path }
+
+// Start moves this process (all its threads) into the cgroup, forks cmd
+// there, and moves itself back.
+func (c *v1Cgroup) Start(cmd *exec.Cmd) error {
+	if err := c.Add(os.Getpid()); err != nil {
+		return err
+	}
+	err := cmd.Start()
+	if berr := c.parent.AddProc(uint64(os.Getpid())); berr != nil {
+		if err == nil {
+			cmd.Process.Kill()
+			cmd.Wait()
+		}
+		return fmt.Errorf("cgroup %s: moving back out: %w", c.path, berr)
+	}
+	return err
+}
+
+func (c *v1Cgroup) Destroy() error {
+	if procs, err := c.cg.Processes(cgroup1.Memory, true); err == nil {
+		for _, p := range procs {
+			syscall.Kill(p.Pid, syscall.SIGKILL)
+		}
+	}
+	return retryBusy(func() error { return c.cg.Delete() })
+}
+
+// retryBusy retries a cgroup removal while killed processes are still
+// exiting (EBUSY), for at most 5 s.
+func retryBusy(f func() error) error {
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		err := f()
+		if err == nil || errors.Is(err, os.ErrNotExist) || time.Now().After(deadline) {
+			return err
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}

@@ -1,0 +1,182 @@
+package launcher
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/hpcvm/hpcvm/guest/agent/client"
+)
+
+// Guest is a running VM as the launcher sees it: its agent, and its VMM
+// processes on every node.
+type Guest interface {
+	// Agent reaches the guest agent (it may not be listening yet).
+	Agent() *client.Client
+	// Done is closed when the VMM (any slice) has ended on its own.
+	Done() <-chan struct{}
+	// Err says why Done was closed.
+	Err() error
+	// Stop stops the VM and returns when every VMM process of every slice
+	// is gone (or ctx ends).
+	Stop(ctx context.Context) error
+}
+
+// Booter starts the VMM slices of a plan.
+type Booter interface {
+	Boot(ctx context.Context, p *Plan) (Guest, error)
+}
+
+// innerEnv marks the steps the launcher starts itself, so that the plugin
+// leaves them alone (slurm-spank/task.c).
+const innerEnv = "HPCVM_LAUNCH_INNER=1"
+
+// SrunBooter starts one slice per node with
+// `srun --overlap --nodes=N --ntasks=N --ntasks-per-node=1 hpcvm launch slice`:
+// a new step of the job on the same resources, so Slurm accounts for it,
+// signals it on scancel and walltime, and kills it with the job.
+type SrunBooter struct {
+	Srun    string   // srun binary (default "srun")
+	Hpcvm   string   // the hpcvm binary the slices run (`hpcvm launch slice`)
+	Environ []string // the task's environment
+	LogFile string   // the slices' stdout and stderr (default: the runtime directory's vmm.log)
+	Log     *slog.Logger
+}
+
+// SliceEnv is the environment for the slice step: the job's, without the
+// hpcvm options Slurm would otherwise pass on (the slices are not VM jobs),
+// marked as inner.
+func SliceEnv(environ []string) []string {
+	var out []string
+	for _, kv := range environ {
+		k, _, _ := strings.Cut(kv, "=")
+		if strings.HasPrefix(k, "_SLURM_SPANK_OPTION_hpcvm_") || strings.HasPrefix(k, "SPANK_") || k == "HPCVM_LAUNCH_INNER" {
+			continue
+		}
+		out = append(out, kv)
+	}
+	return append(out, innerEnv)
+}
+
+// Boot implements Booter.
+func (b *SrunBooter) Boot(ctx context.Context, p *Plan) (Guest, error) {
+	srun := b.Srun
+	if srun == "" {
+		srun = "srun"
+	}
+	planArg, err := p.Encode()
+	if err != nil {
+		return nil, err
+	}
+	logFile := b.LogFile
+	if logFile == "" {
+		logFile = p.RuntimeDir + "/vmm.log"
+	}
+	if err := os.MkdirAll(p.RuntimeDir, 0o700); err != nil {
+		return nil, fmt.Errorf("runtime directory: %w", err)
+	}
+	lf, err := os.OpenFile(logFile, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("VMM log: %w", err)
+	}
+	n := strconv.Itoa(len(p.Nodes))
+	cmd := exec.Command(srun, "--overlap", "--nodes="+n, "--ntasks="+n, "--ntasks-per-node=1",
+		"--nodelist="+strings.Join(p.Nodes, ","), "--kill-on-bad-exit=1", "--quiet", "--job-name=hpcvm-vmm",
+		b.Hpcvm, "launch", "slice", "--plan", planArg)
+	cmd.Env = SliceEnv(b.Environ)
+	cmd.Stdout, cmd.Stderr = lf, lf
+	cmd.Stdin = nil
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		lf.Close()
+		return nil, fmt.Errorf("starting the VMM slices (%s): %w", srun, err)
+	}
+	g := &srunGuest{cmd: cmd, plan: p, logFile: logFile, done: make(chan struct{}), log: b.Log,
+		agent: client.New(client.HybridVsock(p.VsockPath(), p.VM.AgentPort))}
+	go func() {
+		err := cmd.Wait()
+		lf.Close()
+		g.mu.Lock()
+		if err == nil && !g.stopping {
+			err = errors.New("the VM powered off")
+		}
+		g.err = err
+		g.mu.Unlock()
+		close(g.done)
+	}()
+	return g, nil
+}
+
+type srunGuest struct {
+	cmd     *exec.Cmd
+	plan    *Plan
+	logFile string
+	agent   *client.Client
+	done    chan struct{}
+	log     *slog.Logger
+
+	mu       sync.Mutex
+	err      error
+	stopping bool
+}
+
+func (g *srunGuest) Agent() *client.Client { return g.agent }
+func (g *srunGuest) Done() <-chan struct{} { return g.done }
+
+func (g *srunGuest) Err() error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.err == nil {
+		return nil
+	}
+	return fmt.Errorf("VMM step: %w\n%s", g.err, tailFile(g.logFile, 15))
+}
+
+// Stop signals the slice step through srun (which has Slurm send SIGTERM
+// to every slice), then escalates: SIGKILL to srun and `scancel` of the
+// step, so no VMM outlives the launcher's request.
+func (g *srunGuest) Stop(ctx context.Context) error {
+	g.mu.Lock()
+	g.stopping = true
+	g.mu.Unlock()
+	select {
+	case <-g.done:
+		return nil
+	default:
+	}
+	g.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-g.done:
+		return nil
+	case <-time.After(SliceStopGrace + 10*time.Second):
+	case <-ctx.Done():
+	}
+	g.log.Warn("VMM step did not stop after SIGTERM; killing srun and cancelling the step")
+	syscall.Kill(-g.cmd.Process.Pid, syscall.SIGKILL)
+	select {
+	case <-g.done:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("stopping the VMM step: %w", ctx.Err())
+	}
+}
+
+func tailFile(path string, lines int) string {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return ""
+	}
+	parts := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
+	if len(parts) > lines {
+		parts = parts[len(parts)-lines:]
+	}
+	return strings.Join(parts, "\n")
+}

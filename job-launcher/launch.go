@@ -1,0 +1,278 @@
+package launcher
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/hpcvm/hpcvm/guest/agent/client"
+	"github.com/hpcvm/hpcvm/policies"
+)
+
+// Options are `hpcvm launch`'s settings: the plugin's plugstack arguments
+// and the user's --vm-* options.
+type Options struct {
+	Wish
+	PolicyDir  string
+	ImageStore string
+	RuntimeDir string // node-local root of per-step runtime directories
+	Console    string // --vm-console: keep the guest console here
+	Batch      bool   // the task is a batch script (argv[0] is staged into the guest)
+	Argv       []string
+	VMM        string // the program slices run as `VMM vm run ...` (the hpcvm binary)
+
+	// BootTimeout bounds boot to the agent answering (default 10 min).
+	BootTimeout time.Duration
+	// TermGrace is how long the guest command gets after a forwarded
+	// SIGTERM before the VM is stopped (default 5 s; Slurm's KillWait
+	// should be longer).
+	TermGrace time.Duration
+}
+
+// Launcher runs one job step's task in a VM.
+type Launcher struct {
+	Opts    Options
+	Env     *SlurmEnv
+	Environ []string // the task's environment
+	Policy  Policy
+	Images  Images
+	Booter  Booter
+	// Walltime returns the job's time limit in seconds (0: unknown).
+	Walltime func(ctx context.Context) int64
+	// Signals delivers the signals the task receives (SIGTERM, SIGINT,
+	// SIGUSR1, SIGUSR2, SIGHUP, SIGCONT).
+	Signals        <-chan os.Signal
+	Stdout, Stderr io.Writer
+	Log            *slog.Logger
+}
+
+// GuestDir is where the job script is staged in the guest and where it
+// runs.
+const GuestDir = "/tmp/hpcvm-job"
+
+// Exit statuses of the launcher itself (the guest command's status is
+// passed through).
+const (
+	ExitFailure = 1   // hpcvm could not run the job (message on stderr)
+	ExitTermed  = 143 // stopped by SIGTERM (scancel, walltime) before the command ended
+)
+
+func (l *Launcher) failf(format string, args ...any) int {
+	fmt.Fprintf(l.Stderr, "hpcvm: "+format+"\n", args...)
+	return ExitFailure
+}
+
+// Run runs the step's task in a VM and returns the exit status for the
+// step.
+func (l *Launcher) Run(ctx context.Context) int {
+	if l.Env.ProcID != 0 {
+		// One VM per step: task 0 runs the command in it; the step's
+		// other tasks have nothing to do.
+		return 0
+	}
+	if len(l.Opts.Argv) == 0 {
+		return l.failf("no command to run")
+	}
+	if l.Opts.BootTimeout == 0 {
+		l.Opts.BootTimeout = 10 * time.Minute
+	}
+	if l.Opts.TermGrace == 0 {
+		l.Opts.TermGrace = 5 * time.Second
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+
+	eff, err := l.admit(ctx)
+	if err != nil {
+		var ref *RefusedError
+		if errors.As(err, &ref) {
+			fmt.Fprintln(l.Stderr, ref.Message)
+			return ExitFailure
+		}
+		return l.failf("%v", err)
+	}
+	for _, w := range eff.Warnings {
+		fmt.Fprintf(l.Stderr, "hpcvm: warning: %s\n", w)
+	}
+	img, err := l.Images.Lookup(eff.Image)
+	if err != nil {
+		return l.failf("%v", err)
+	}
+	step := l.Env.StepID
+	if step == "" {
+		step = "batch"
+	}
+	plan := &Plan{
+		JobID: l.Env.JobID, StepID: step, Nodes: l.Env.Nodes,
+		RuntimeDir: filepath.Join(l.Opts.RuntimeDir, l.Env.JobID+"."+step),
+		VM:         Shape(eff, img, l.Opts.Console), Cgroup: Limits(eff), VMM: l.Opts.VMM,
+	}
+	l.Log.Info("starting VM", "image", img.Name, "nodes", plan.Nodes, "cpus", plan.VM.CPUs, "mem_mib", plan.VM.MemBytes>>20)
+	guest, err := l.Booter.Boot(ctx, plan)
+	if err != nil {
+		return l.failf("%v", err)
+	}
+	defer func() {
+		sctx, scancel := context.WithTimeout(context.Background(), time.Minute)
+		defer scancel()
+		if err := guest.Stop(sctx); err != nil {
+			fmt.Fprintf(l.Stderr, "hpcvm: stopping the VM: %v\n", err)
+		}
+		if err := removeRuntimeDir(l.Opts.RuntimeDir, plan.RuntimeDir); err != nil {
+			l.Log.Warn("removing the runtime directory", "err", err)
+		}
+	}()
+
+	// Boot: until the agent answers, the VM stops, a signal, or timeout.
+	bootCtx, bootCancel := context.WithTimeout(ctx, l.Opts.BootTimeout)
+	defer bootCancel()
+	ready := make(chan error, 1)
+	go func() {
+		_, err := guest.Agent().WaitReady(bootCtx, 100*time.Millisecond)
+		ready <- err
+	}()
+	for booted := false; !booted; {
+		select {
+		case err := <-ready:
+			if err != nil {
+				return l.failf("the VM did not come up within %v: %v (console: %s)", l.Opts.BootTimeout, err, plan.ConsolePath())
+			}
+			booted = true
+		case <-guest.Done():
+			return l.failf("the VM stopped while booting: %v", guest.Err())
+		case sig := <-l.Signals:
+			if s, ok := sig.(syscall.Signal); ok && (s == syscall.SIGTERM || s == syscall.SIGINT || s == syscall.SIGHUP) {
+				fmt.Fprintf(l.Stderr, "hpcvm: %v while the VM was booting; stopping it\n", s)
+				return 128 + int(s)
+			}
+		}
+	}
+	bootCancel()
+	l.Log.Info("guest agent ready")
+
+	cmd, err := l.stage(ctx, guest.Agent())
+	if err != nil {
+		return l.failf("%v", err)
+	}
+	p, err := guest.Agent().Start(ctx, cmd, l.Stdout, l.Stderr)
+	if err != nil {
+		return l.failf("starting %s in the guest: %v", cmd.Argv[0], err)
+	}
+	var grace <-chan time.Time
+	for {
+		select {
+		case <-p.Done():
+			st, err := p.Wait()
+			if err != nil {
+				return l.failf("running %s in the guest: %v", cmd.Argv[0], err)
+			}
+			l.Log.Info("guest command ended", "status", st)
+			return st.ExitCode()
+		case <-guest.Done():
+			return l.failf("the VM stopped while the job ran: %v", guest.Err())
+		case sig := <-l.Signals:
+			s, ok := sig.(syscall.Signal)
+			if !ok {
+				continue
+			}
+			sctx, scancel := context.WithTimeout(ctx, 5*time.Second)
+			if err := p.Signal(sctx, s); err != nil {
+				l.Log.Warn("forwarding a signal to the guest", "signal", s, "err", err)
+			}
+			scancel()
+			if s == syscall.SIGTERM && grace == nil {
+				grace = time.After(l.Opts.TermGrace)
+			}
+		case <-grace:
+			fmt.Fprintf(l.Stderr, "hpcvm: the job did not end %v after SIGTERM; stopping the VM\n", l.Opts.TermGrace)
+			return ExitTermed
+		}
+	}
+}
+
+// admit asks the policy, with the VMM reserve the policy itself sets:
+// first with the built-in reserve, again if the policy's differs and the
+// memory was derived from the allocation.
+func (l *Launcher) admit(ctx context.Context) (*policies.Effective, error) {
+	var wall int64
+	if l.Walltime != nil {
+		wall = l.Walltime(ctx)
+	}
+	reserve := int64(builtinReserve)
+	for attempt := 0; ; attempt++ {
+		req, err := Request(l.Env, l.Opts.Wish, wall, reserve)
+		if err != nil {
+			return nil, err
+		}
+		eff, err := l.Policy.Admit(ctx, req)
+		if err != nil {
+			return nil, err
+		}
+		if l.Opts.Mem != "" || l.Env.MemPerNodeMiB == 0 || int64(eff.VMMReservePerNode) == reserve || attempt > 0 {
+			return eff, nil
+		}
+		reserve = int64(eff.VMMReservePerNode)
+	}
+}
+
+// stage copies the batch script into the guest and builds the command.
+func (l *Launcher) stage(ctx context.Context, agent *client.Client) (client.Command, error) {
+	argv := append([]string(nil), l.Opts.Argv...)
+	uid, gid := os.Getuid(), os.Getgid()
+	if l.Opts.Batch {
+		f, err := os.Open(argv[0])
+		if err != nil {
+			return client.Command{}, fmt.Errorf("job script: %w", err)
+		}
+		defer f.Close()
+		dst := path.Join(GuestDir, "slurm_script")
+		if err := agent.CopyIn(ctx, dst, f, client.CopyOptions{Mode: 0o755, UID: uint32(uid), GID: uint32(gid), MkdirAll: true}); err != nil {
+			return client.Command{}, fmt.Errorf("staging the job script into the guest: %w", err)
+		}
+		argv[0] = dst
+	} else {
+		// Make sure the working directory exists for an srun command.
+		if err := agent.CopyIn(ctx, path.Join(GuestDir, ".hpcvm"), strings.NewReader(l.Env.JobID+"\n"),
+			client.CopyOptions{UID: uint32(uid), GID: uint32(gid), MkdirAll: true}); err != nil {
+			return client.Command{}, fmt.Errorf("preparing %s in the guest: %w", GuestDir, err)
+		}
+	}
+	cmd := client.Command{Argv: argv, Env: GuestEnv(l.Environ, uid, GuestDir), Dir: GuestDir}
+	if uid != 0 {
+		cmd.Cred = &client.Cred{UID: uint32(uid), GID: uint32(gid)}
+		if gs, err := os.Getgroups(); err == nil {
+			for _, g := range gs {
+				cmd.Cred.Groups = append(cmd.Cred.Groups, uint32(g))
+			}
+		}
+	}
+	return cmd, nil
+}
+
+// GuestEnv is the guest command's environment: the task's SLURM_*
+// variables, the user's identity, and a PATH and HOME of the guest's.
+func GuestEnv(environ []string, uid int, dir string) []string {
+	env := []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "PWD=" + dir, "HPCVM_GUEST=1"}
+	if uid == 0 {
+		env = append(env, "HOME=/root")
+	} else {
+		env = append(env, "HOME="+dir)
+	}
+	for _, kv := range environ {
+		k, _, _ := strings.Cut(kv, "=")
+		switch {
+		case strings.HasPrefix(k, "SLURM_"), strings.HasPrefix(k, "SLURMD_"),
+			k == "USER", k == "LOGNAME", k == "LANG", k == "LC_ALL", k == "TZ", k == "OMP_NUM_THREADS":
+			env = append(env, kv)
+		}
+	}
+	return env
+}

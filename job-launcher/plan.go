@@ -1,0 +1,152 @@
+package launcher
+
+import (
+	"encoding/json"
+	"fmt"
+	"path/filepath"
+	"strings"
+
+	"github.com/hpcvm/hpcvm/policies"
+)
+
+// Plan is everything the VMM slices of one job step need. It is passed to
+// every slice (`hpcvm launch slice --plan JSON`); each slice finds its own
+// part by its index (SLURM_PROCID of the slice step).
+type Plan struct {
+	JobID  string   `json:"job_id"`
+	StepID string   `json:"step_id"`
+	Nodes  []string `json:"nodes"` // slice i runs on Nodes[i]
+	// RuntimeDir is a node-local directory, the same path on every node:
+	// the vsock socket (slice 0), the console log, the disk copy.
+	RuntimeDir string `json:"runtime_dir"`
+	// VM is the whole VM. Until the distributed VMM places vCPUs on every
+	// slice, slice 0 runs all of it and the other slices hold their node.
+	VM     VMSpec       `json:"vm"`
+	Cgroup CgroupLimits `json:"cgroup"`
+	// VMM is the program slice 0 runs as `VMM vm run ...`: the hpcvm
+	// binary (tests use a fake).
+	VMM string `json:"vmm"`
+}
+
+// VMSpec is one VM.
+type VMSpec struct {
+	Kernel   string `json:"kernel"`
+	Initrd   string `json:"initrd,omitempty"`
+	Disk     string `json:"disk,omitempty"` // the image's disk; slice 0 boots a private copy
+	Cmdline  string `json:"cmdline"`
+	CPUs     int    `json:"cpus"`
+	MemBytes int64  `json:"mem_bytes"`
+	Console  string `json:"console,omitempty"` // default RuntimeDir/console.log
+	// AgentPort is the guest agent's vsock port.
+	AgentPort uint32 `json:"agent_port"`
+}
+
+// VsockPath is the hybrid vsock socket of the VM, on Nodes[0].
+func (p *Plan) VsockPath() string { return filepath.Join(p.RuntimeDir, "vsock.sock") }
+
+// ConsolePath is where slice 0 writes the guest's serial console.
+func (p *Plan) ConsolePath() string {
+	if p.VM.Console != "" {
+		return p.VM.Console
+	}
+	return filepath.Join(p.RuntimeDir, "console.log")
+}
+
+// DiskCopy is the private copy of the image's disk the VM boots.
+func (p *Plan) DiskCopy() string { return filepath.Join(p.RuntimeDir, "disk.raw") }
+
+// CgroupName is slice i's cgroup name, unique per job step and node.
+func (p *Plan) CgroupName(i int) string {
+	return fmt.Sprintf("hpcvm-%s.%s-%d", p.JobID, p.StepID, i)
+}
+
+// Encode is the plan as one command-line argument.
+func (p *Plan) Encode() (string, error) {
+	b, err := json.Marshal(p)
+	return string(b), err
+}
+
+// DecodePlan reads Encode's output strictly.
+func DecodePlan(s string) (*Plan, error) {
+	dec := json.NewDecoder(strings.NewReader(s))
+	dec.DisallowUnknownFields()
+	var p Plan
+	if err := dec.Decode(&p); err != nil {
+		return nil, fmt.Errorf("slice plan: %w", err)
+	}
+	if len(p.Nodes) == 0 || p.RuntimeDir == "" || p.VM.Kernel == "" || p.VM.CPUs < 1 || p.VM.MemBytes <= 0 {
+		return nil, fmt.Errorf("slice plan: incomplete (nodes %v, runtime dir %q, kernel %q, %d CPUs, %d bytes)",
+			p.Nodes, p.RuntimeDir, p.VM.Kernel, p.VM.CPUs, p.VM.MemBytes)
+	}
+	return &p, nil
+}
+
+// Wish is what the user asked with --vm-* options (all optional).
+type Wish struct {
+	Image              string
+	Mem                string // --vm-mem, e.g. 4GiB
+	CPUs               int    // --vm-cpus: vCPUs of the whole VM
+	CheckpointInterval string // --vm-checkpoint-interval
+}
+
+// builtinReserve is the policy's built-in VMM memory reserve per node
+// (docs/policies.md: limits.vmm_mem_reserve_per_node).
+const builtinReserve = 256 << 20
+
+// Request is the policy request for a job step: Slurm's allocation plus the
+// user's wishes. With no --vm-mem, the guest gets the node's allocated
+// memory minus reserve; with no --vm-cpus, every allocated CPU.
+func Request(env *SlurmEnv, w Wish, walltimeSecs int64, reserve int64) (policies.Request, error) {
+	req := policies.Request{
+		JobID: env.JobID, User: env.User, Partition: env.Partition, Account: env.Account, QOS: env.QOS,
+		Image: w.Image, Nodes: len(env.Nodes), CPUs: w.CPUs,
+	}
+	if req.CPUs == 0 {
+		req.CPUs = env.TotalCPUs()
+	}
+	if w.Mem != "" {
+		m, err := policies.ParseSize(w.Mem)
+		if err != nil {
+			return req, fmt.Errorf("--vm-mem=%s: %w", w.Mem, err)
+		}
+		req.MemPerNode = m
+	} else if env.MemPerNodeMiB > 0 {
+		avail := env.MemPerNodeMiB << 20
+		if avail-reserve < 64<<20 {
+			return req, fmt.Errorf("the job has %d MiB per node, too little for a VM next to the VMM's reserve of %d MiB: ask for more with --mem", env.MemPerNodeMiB, reserve>>20)
+		}
+		req.MemPerNode = policies.Size((avail - reserve) &^ (1<<20 - 1))
+	}
+	if w.CheckpointInterval != "" {
+		if err := req.CheckpointInterval.UnmarshalText([]byte(w.CheckpointInterval)); err != nil {
+			return req, fmt.Errorf("--vm-checkpoint-interval=%s: %w", w.CheckpointInterval, err)
+		}
+	}
+	if walltimeSecs > 0 {
+		req.Walltime = policies.Duration(walltimeSecs * 1e9)
+	}
+	return req, nil
+}
+
+// Shape turns the effective settings into the VM. Until the distributed
+// VMM, the whole VM (all vCPUs) runs on the first node with one node's
+// memory.
+func Shape(eff *policies.Effective, img Image, console string) VMSpec {
+	cpus := eff.VCPUs
+	if cpus < 1 {
+		cpus = max(eff.VCPUsPerNode, 1)
+	}
+	return VMSpec{
+		Kernel: img.Kernel, Initrd: img.Initrd, Disk: img.Disk, Cmdline: img.Cmdline,
+		CPUs: cpus, MemBytes: int64(eff.MemPerNode) &^ (1<<20 - 1), Console: console, AgentPort: img.AgentPort,
+	}
+}
+
+// Limits converts the policy's cgroup settings.
+func Limits(eff *policies.Effective) CgroupLimits {
+	c := eff.Cgroup
+	return CgroupLimits{
+		MemoryMax: int64(c.MemoryMax), MemoryHigh: int64(c.MemoryHigh), CPUWeight: c.CPUWeight,
+		CPUQuotaPercent: c.CPUQuotaPercent, PidsMax: c.PidsMax, IOWeight: c.IOWeight,
+	}
+}

@@ -585,7 +585,8 @@ func (d *Device) dialed(c *conn, nc net.Conn, err error, path string) {
 // hostConnect starts a host-initiated connection to guest port port.
 func (d *Device) hostConnect(hc *handshake) {
 	if d.env == nil {
-		d.log.Warn("vsock: closing host connection: the guest's vsock driver is not ready", "port", hc.port)
+		// Expected while the guest boots (clients poll until its agent is up): debug, not a warning.
+		d.log.Debug("vsock: closing host connection: the guest's vsock driver is not ready", "port", hc.port)
 		hc.nc.Close()
 		return
 	}

@@ -38,7 +38,8 @@ type Cgroup interface {
 	Start(cmd *exec.Cmd) error
 	// Path is the cgroup's path (v2), or the memory controller's (v1).
 	Path() string
-	// Destroy kills whatever is left in the cgroup and removes it.
+	// Destroy kills whatever is left in the cgroup and removes it; again
+	// after success, it does nothing.
 	Destroy() error
 }
 
@@ -62,8 +63,9 @@ func NewCgroup(name string, lim CgroupLimits) (Cgroup, error) {
 }
 
 type v2Cgroup struct {
-	m    *cgroup2.Manager
-	path string
+	m         *cgroup2.Manager
+	path      string
+	destroyed bool
 }
 
 func newV2(name string, lim CgroupLimits) (Cgroup, error) {
@@ -130,13 +132,19 @@ func (c *v2Cgroup) Start(cmd *exec.Cmd) error {
 }
 
 func (c *v2Cgroup) Destroy() error {
+	if c.destroyed {
+		return nil
+	}
 	_ = c.m.Kill()
-	return retryBusy(func() error { return c.m.Delete() })
+	err := retryBusy(func() error { return c.m.Delete() })
+	c.destroyed = err == nil
+	return err
 }
 
 type v1Cgroup struct {
 	cg, parent cgroup1.Cgroup
 	path       string
+	destroyed  bool
 }
 
 // v1Hierarchy is the controllers the VMM cgroup uses on v1: only those, so
@@ -232,12 +240,17 @@ func (c *v1Cgroup) Start(cmd *exec.Cmd) error {
 }
 
 func (c *v1Cgroup) Destroy() error {
+	if c.destroyed {
+		return nil
+	}
 	if procs, err := c.cg.Processes(cgroup1.Memory, true); err == nil {
 		for _, p := range procs {
 			syscall.Kill(p.Pid, syscall.SIGKILL)
 		}
 	}
-	return retryBusy(func() error { return c.cg.Delete() })
+	err := retryBusy(func() error { return c.cg.Delete() })
+	c.destroyed = err == nil
+	return err
 }
 
 // retryBusy retries a cgroup removal while killed processes are still

@@ -25,6 +25,8 @@ type Options struct {
 	ImageStore string
 	RuntimeDir string // node-local root of per-step runtime directories
 	Console    string // --vm-console: keep the guest console here
+	DiskMode   string // DiskModeCopy (default) or DiskModeShared
+	GuestDir   string // where the script is staged and run in the guest (default GuestDir)
 	Batch      bool   // the task is a batch script (argv[0] is staged into the guest)
 	Argv       []string
 	VMM        string // the program slices run as `VMM vm run ...` (the hpcvm binary)
@@ -87,6 +89,9 @@ func (l *Launcher) Run(ctx context.Context) int {
 	if l.Opts.TermGrace == 0 {
 		l.Opts.TermGrace = 5 * time.Second
 	}
+	if l.Opts.GuestDir == "" {
+		l.Opts.GuestDir = GuestDir
+	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 
@@ -113,7 +118,7 @@ func (l *Launcher) Run(ctx context.Context) int {
 	plan := &Plan{
 		JobID: l.Env.JobID, StepID: step, Nodes: l.Env.Nodes,
 		RuntimeDir: filepath.Join(l.Opts.RuntimeDir, l.Env.JobID+"."+step),
-		VM:         Shape(eff, img, l.Opts.Console), Cgroup: Limits(eff), VMM: l.Opts.VMM,
+		VM:         Shape(eff, img, l.Opts.Console, l.Opts.DiskMode), Cgroup: Limits(eff), VMM: l.Opts.VMM,
 	}
 	l.Log.Info("starting VM", "image", img.Name, "nodes", plan.Nodes, "cpus", plan.VM.CPUs, "mem_mib", plan.VM.MemBytes>>20)
 	guest, err := l.Booter.Boot(ctx, plan)
@@ -158,6 +163,12 @@ func (l *Launcher) Run(ctx context.Context) int {
 	bootCancel()
 	l.Log.Info("guest agent ready")
 
+	if plan.VM.DiskMode == DiskModeShared {
+		// Read-only root: give the job a writable /tmp.
+		if err := l.guestRoot(ctx, guest.Agent(), "mount", "-t", "tmpfs", "-o", "mode=1777,size=50%", "tmpfs", "/tmp"); err != nil {
+			return l.failf("preparing the guest: %v", err)
+		}
+	}
 	cmd, err := l.stage(ctx, guest.Agent())
 	if err != nil {
 		return l.failf("%v", err)
@@ -198,6 +209,19 @@ func (l *Launcher) Run(ctx context.Context) int {
 	}
 }
 
+// guestRoot runs a preparation command in the guest as root.
+func (l *Launcher) guestRoot(ctx context.Context, agent *client.Client, argv ...string) error {
+	var out strings.Builder
+	st, err := agent.Run(ctx, client.Command{Argv: argv}, &out, &out)
+	if err != nil {
+		return fmt.Errorf("%s: %w", strings.Join(argv, " "), err)
+	}
+	if st.ExitCode() != 0 {
+		return fmt.Errorf("%s: %v: %s", strings.Join(argv, " "), st, strings.TrimSpace(out.String()))
+	}
+	return nil
+}
+
 // admit asks the policy, with the VMM reserve the policy itself sets:
 // first with the built-in reserve, again if the policy's differs and the
 // memory was derived from the allocation.
@@ -233,19 +257,19 @@ func (l *Launcher) stage(ctx context.Context, agent *client.Client) (client.Comm
 			return client.Command{}, fmt.Errorf("job script: %w", err)
 		}
 		defer f.Close()
-		dst := path.Join(GuestDir, "slurm_script")
+		dst := path.Join(l.Opts.GuestDir, "slurm_script")
 		if err := agent.CopyIn(ctx, dst, f, client.CopyOptions{Mode: 0o755, UID: uint32(uid), GID: uint32(gid), MkdirAll: true}); err != nil {
 			return client.Command{}, fmt.Errorf("staging the job script into the guest: %w", err)
 		}
 		argv[0] = dst
 	} else {
 		// Make sure the working directory exists for an srun command.
-		if err := agent.CopyIn(ctx, path.Join(GuestDir, ".hpcvm"), strings.NewReader(l.Env.JobID+"\n"),
+		if err := agent.CopyIn(ctx, path.Join(l.Opts.GuestDir, ".hpcvm"), strings.NewReader(l.Env.JobID+"\n"),
 			client.CopyOptions{UID: uint32(uid), GID: uint32(gid), MkdirAll: true}); err != nil {
-			return client.Command{}, fmt.Errorf("preparing %s in the guest: %w", GuestDir, err)
+			return client.Command{}, fmt.Errorf("preparing %s in the guest: %w", l.Opts.GuestDir, err)
 		}
 	}
-	cmd := client.Command{Argv: argv, Env: GuestEnv(l.Environ, uid, GuestDir), Dir: GuestDir}
+	cmd := client.Command{Argv: argv, Env: GuestEnv(l.Environ, uid, l.Opts.GuestDir), Dir: l.Opts.GuestDir}
 	if uid != 0 {
 		cmd.Cred = &client.Cred{UID: uint32(uid), GID: uint32(gid)}
 		if gs, err := os.Getgroups(); err == nil {

@@ -32,7 +32,11 @@ type Plan struct {
 type VMSpec struct {
 	Kernel   string `json:"kernel"`
 	Initrd   string `json:"initrd,omitempty"`
-	Disk     string `json:"disk,omitempty"` // the image's disk; slice 0 boots a private copy
+	Disk     string `json:"disk,omitempty"` // the image's disk
+	// DiskMode is DiskCopy (slice 0 boots a private writable copy) or
+	// DiskShared (the image's disk itself, read-only; the guest root is
+	// read-only and /tmp a tmpfs).
+	DiskMode string `json:"disk_mode,omitempty"`
 	Cmdline  string `json:"cmdline"`
 	CPUs     int    `json:"cpus"`
 	MemBytes int64  `json:"mem_bytes"`
@@ -51,6 +55,12 @@ func (p *Plan) ConsolePath() string {
 	}
 	return filepath.Join(p.RuntimeDir, "console.log")
 }
+
+// Disk modes (plugstack disk=, `hpcvm launch --disk-mode`).
+const (
+	DiskModeCopy   = "copy"
+	DiskModeShared = "ro"
+)
 
 // DiskCopy is the private copy of the image's disk the VM boots.
 func (p *Plan) DiskCopy() string { return filepath.Join(p.RuntimeDir, "disk.raw") }
@@ -131,13 +141,17 @@ func Request(env *SlurmEnv, w Wish, walltimeSecs int64, reserve int64) (policies
 // Shape turns the effective settings into the VM. Until the distributed
 // VMM, the whole VM (all vCPUs) runs on the first node with one node's
 // memory.
-func Shape(eff *policies.Effective, img Image, console string) VMSpec {
+func Shape(eff *policies.Effective, img Image, console, diskMode string) VMSpec {
 	cpus := eff.VCPUs
 	if cpus < 1 {
 		cpus = max(eff.VCPUsPerNode, 1)
 	}
+	cmdline := img.Cmdline
+	if diskMode == DiskModeShared {
+		cmdline = readOnlyRoot(cmdline)
+	}
 	return VMSpec{
-		Kernel: img.Kernel, Initrd: img.Initrd, Disk: img.Disk, Cmdline: img.Cmdline,
+		Kernel: img.Kernel, Initrd: img.Initrd, Disk: img.Disk, DiskMode: diskMode, Cmdline: cmdline,
 		CPUs: cpus, MemBytes: int64(eff.MemPerNode) &^ (1<<20 - 1), Console: console, AgentPort: img.AgentPort,
 	}
 }
@@ -149,4 +163,15 @@ func Limits(eff *policies.Effective) CgroupLimits {
 		MemoryMax: int64(c.MemoryMax), MemoryHigh: int64(c.MemoryHigh), CPUWeight: c.CPUWeight,
 		CPUQuotaPercent: c.CPUQuotaPercent, PidsMax: c.PidsMax, IOWeight: c.IOWeight,
 	}
+}
+
+// readOnlyRoot makes a kernel command line mount the root read-only.
+func readOnlyRoot(cmdline string) string {
+	var out []string
+	for _, w := range strings.Fields(cmdline) {
+		if w != "rw" && w != "ro" {
+			out = append(out, w)
+		}
+	}
+	return strings.Join(append(out, "ro"), " ")
 }

@@ -55,7 +55,9 @@ func RunSlice(ctx context.Context, p *Plan, index int, log *slog.Logger) (err er
 	}
 
 	disk := ""
-	if p.VM.Disk != "" {
+	if p.VM.Disk != "" && p.VM.DiskMode == DiskModeShared {
+		disk = p.VM.Disk + ",ro"
+	} else if p.VM.Disk != "" {
 		start := time.Now()
 		if err := copySparse(ctx, p.VM.Disk, p.DiskCopy()); err != nil {
 			return fmt.Errorf("slice 0: copying the image disk: %w", err)

@@ -3,10 +3,10 @@
  *
  *   required /usr/lib/slurm/hpcvm_spank.so hpcvm=/usr/bin/hpcvm \
  *       policy_dir=/etc/hpcvm/policy.d image_store=/var/lib/hpcvm/images \
- *       runtime_dir=/run/hpcvm [vmm=/usr/bin/hpcvm]
+ *       runtime_dir=/run/hpcvm [vmm=/usr/bin/hpcvm] [disk=copy|ro]
  *
- * Every argument is KEY=VALUE with an absolute path; an unknown key is an
- * error, so a misspelt setting never silently falls back to a default.
+ * Every argument is KEY=VALUE, paths absolute; an unknown key is an error,
+ * so a misspelt setting never silently falls back to a default.
  */
 #include <stdio.h>
 #include <string.h>
@@ -34,6 +34,7 @@ int hpcvm_config_parse(struct hpcvm_config *cfg, int ac, char **av)
 	strcpy(cfg->policy_dir, "/etc/hpcvm/policy.d");
 	strcpy(cfg->image_store, "/var/lib/hpcvm/images");
 	strcpy(cfg->runtime_dir, "/run/hpcvm");
+	strcpy(cfg->disk_mode, "copy");
 
 	for (int i = 0; i < ac; i++) {
 		const char *eq = strchr(av[i], '=');
@@ -51,6 +52,15 @@ int hpcvm_config_parse(struct hpcvm_config *cfg, int ac, char **av)
 		};
 		int found = 0;
 
+		if (klen == 4 && strncmp(av[i], "disk", 4) == 0) {
+			if (!eq || (strcmp(val, "copy") != 0 && strcmp(val, "ro") != 0)) {
+				slurm_error("%s: plugstack argument %s: want disk=copy or disk=ro", HPCVM_PLUGIN, av[i]);
+				return -1;
+			}
+			strcpy(cfg->disk_mode, val);
+			continue;
+		}
+
 		for (size_t k = 0; k < sizeof(keys) / sizeof(keys[0]); k++) {
 			if (strlen(keys[k].key) != klen || strncmp(av[i], keys[k].key, klen) != 0)
 				continue;
@@ -63,7 +73,7 @@ int hpcvm_config_parse(struct hpcvm_config *cfg, int ac, char **av)
 				return -1;
 		}
 		if (!found) {
-			slurm_error("%s: unknown plugstack argument \"%s\" (known: hpcvm=, policy_dir=, image_store=, runtime_dir=, vmm=)",
+			slurm_error("%s: unknown plugstack argument \"%s\" (known: hpcvm=, policy_dir=, image_store=, runtime_dir=, vmm=, disk=)",
 				    HPCVM_PLUGIN, av[i]);
 			return -1;
 		}

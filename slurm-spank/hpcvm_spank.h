@@ -21,6 +21,7 @@ struct hpcvm_config {
 	char image_store[4096];  /* image store */
 	char runtime_dir[4096];  /* per-job runtime files on compute nodes */
 	char vmm[4096];          /* binary the VMM slices run (`vmm run`); empty: hpcvm */
+	char disk_mode[8];       /* "copy" (private copy of the image disk) or "ro" */
 };
 
 /* Values of the user's --vm-* options (options.c); NULL when not given. */

@@ -47,6 +47,7 @@ func launchMain(args []string) int {
 	fs.IntVar(&o.CPUs, "cpus", 0, "vCPUs of the VM (--vm-cpus; default: all allocated CPUs)")
 	fs.StringVar(&o.CheckpointInterval, "checkpoint-interval", "", "--vm-checkpoint-interval")
 	fs.StringVar(&o.Console, "console", "", "write the guest console to `FILE` (--vm-console)")
+	fs.StringVar(&o.DiskMode, "disk-mode", launcher.DiskModeCopy, "copy: boot a private writable copy of the image's disk; ro: boot the image's disk read-only (root read-only, /tmp a tmpfs)")
 	fs.BoolVar(&o.Batch, "batch", false, "the command is a batch script to stage into the guest")
 	vmm := fs.String("vmm", "", "binary the slices run `vm run` with (default: this hpcvm)")
 	bootTimeout := fs.Duration("boot-timeout", 10*time.Minute, "give up if the guest agent does not answer within this")
@@ -65,6 +66,10 @@ func launchMain(args []string) int {
 	o.BootTimeout = *bootTimeout
 	if o.Image == "" {
 		fmt.Fprintln(os.Stderr, "hpcvm launch: --image is required")
+		return 2
+	}
+	if o.DiskMode != launcher.DiskModeCopy && o.DiskMode != launcher.DiskModeShared {
+		fmt.Fprintf(os.Stderr, "hpcvm launch: --disk-mode=%s: want copy or ro\n", o.DiskMode)
 		return 2
 	}
 	if len(o.Argv) == 0 {

@@ -30,9 +30,9 @@ type Plan struct {
 
 // VMSpec is one VM.
 type VMSpec struct {
-	Kernel   string `json:"kernel"`
-	Initrd   string `json:"initrd,omitempty"`
-	Disk     string `json:"disk,omitempty"` // the image's disk
+	Kernel string `json:"kernel"`
+	Initrd string `json:"initrd,omitempty"`
+	Disk   string `json:"disk,omitempty"` // the image's disk
 	// DiskMode is DiskCopy (slice 0 boots a private writable copy) or
 	// DiskShared (the image's disk itself, read-only; the guest root is
 	// read-only and /tmp a tmpfs).

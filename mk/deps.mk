@@ -1,11 +1,12 @@
 # deps: install what a fresh Debian 12 machine lacks (root; apt-get + Go modules).
 # Each package is installed only when missing, so this is quick when all is there.
-APT_PACKAGES := qemu-system-x86 busybox-static cpio kmod iproute2 xz-utils e2fsprogs socat \
-	linux-source-6.1 bc flex bison libelf-dev libssl-dev make gcc
+APT_PACKAGES := qemu-system-x86 busybox-static cpio kmod iproute2 xz-utils lz4 e2fsprogs socat \
+	linux-source-6.1 bc flex bison libelf-dev libssl-dev make gcc build-essential acpica-tools util-linux
 DEPS_STAMP := $(HPCVM_CACHE)/deps-$(shell echo $(APT_PACKAGES) | sha256sum | cut -c1-12).stamp
 
 .PHONY: deps
-deps: $(DEPS_STAMP)
+# Subsystems add their own package sets: slurm-deps (mk/slurm.mk), image-deps (mk/images.mk).
+deps: $(DEPS_STAMP) slurm-deps image-deps
 $(DEPS_STAMP):
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \

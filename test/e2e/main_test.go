@@ -9,6 +9,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"path/filepath"
 	"sync"
 	"testing"
 	"time"
@@ -78,11 +79,35 @@ func testCtx(t *testing.T) context.Context {
 	return ctx
 }
 
+// mustHPCVM returns a private copy of bin/hpcvm (taken once per package
+// run): other engineers rebuild bin/hpcvm in place while tests run, and a
+// binary changing under a node's 9p mapping crashes the VMM.
 func mustHPCVM(t *testing.T) string {
 	t.Helper()
 	b := guestvm.HPCVMBin()
 	guestvm.Need(t, b)
-	return b
+	hpcvmCopy.once.Do(func() {
+		dst := filepath.Join(shared.cluster.Dir(), "hpcvm")
+		hpcvmCopy.path, hpcvmCopy.err = dst, copyFile(b, dst)
+	})
+	if hpcvmCopy.err != nil {
+		t.Fatal(hpcvmCopy.err)
+	}
+	return hpcvmCopy.path
+}
+
+var hpcvmCopy struct {
+	once sync.Once
+	path string
+	err  error
+}
+
+func copyFile(src, dst string) error {
+	b, err := os.ReadFile(src)
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(dst, b, 0o755)
 }
 
 func logRun(t *testing.T, name string, r guestvm.Run) {

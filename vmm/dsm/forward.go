@@ -23,7 +23,18 @@ func lapicWindow(addr uint64) bool {
 // sliceHooks is the slice's part of every vCPU's run loop.
 type sliceHooks struct{ s *sliceRun }
 
-func (h *sliceHooks) BeforeRun(c *kvm.VCPU) error { return nil }
+func (h *sliceHooks) BeforeRun(c *kvm.VCPU) error {
+	s := h.s
+	v := s.irq.local[c.ID()]
+	if !v.started {
+		v.started = true
+		if err := s.startVCPU(c, v); err != nil {
+			return err
+		}
+	}
+	_, err := s.irq.beforeRun(c, v, s.machine())
+	return err
+}
 
 func (h *sliceHooks) HandleExit(c *kvm.VCPU, e *kvm.Exit) (bool, error) {
 	s := h.s
@@ -34,12 +45,39 @@ func (h *sliceHooks) HandleExit(c *kvm.VCPU, e *kvm.Exit) (bool, error) {
 		}
 		return true, s.forward(c, SpacePort, uint64(e.Port), e.IOWrite, e.IOSize, e.IOData)
 	case kvm.ExitMMIO:
-		if s.id == 0 || lapicWindow(e.MMIOAddr) {
+		if lapicWindow(e.MMIOAddr) {
+			l := s.irq.local[c.ID()].lapic
+			if e.MMIOWrite {
+				l.Write(e.MMIOAddr-layout.LAPICAddr, e.MMIOData)
+			} else {
+				l.Read(e.MMIOAddr-layout.LAPICAddr, e.MMIOData)
+			}
+			return true, nil
+		}
+		if s.id == 0 {
 			return false, nil
 		}
 		return true, s.forward(c, SpaceMMIO, e.MMIOAddr, e.MMIOWrite, len(e.MMIOData), e.MMIOData)
+	case kvm.ExitHLT:
+		s.irq.halt(c, s.irq.local[c.ID()], s.machine())
+		return true, nil
+	case kvm.ExitIRQWindowOpen:
+		return true, nil // BeforeRun injects
+	case kvm.ExitX86RDMSR, kvm.ExitX86WRMSR:
+		return true, s.irq.msr(c, s.irq.local[c.ID()], e.Reason == kvm.ExitX86WRMSR)
 	}
 	return false, nil
+}
+
+// startVCPU runs once on each vCPU's thread before it first enters the
+// guest.
+func (s *sliceRun) startVCPU(c *kvm.VCPU, v *vcpuIRQ) error {
+	khz, err := c.GetTSCKHz()
+	if err != nil {
+		return err
+	}
+	v.lapic.SetTSCHz(khz * 1000)
+	return nil
 }
 
 // forward performs one access on slice 0 and waits for it; data is the

@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"sort"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -145,9 +146,9 @@ type customVM struct {
 	placement [][]int
 	mem       uint64 // default testMem
 	loader    machine.Loader
-	setup     func(h *Home) error          // slice 0's devices
-	finish    func(g memory.Guest) error   // slice 0, once every vCPU is done
-	timeout   time.Duration                // default 2 minutes
+	setup     func(h *Home) error           // slice 0's devices
+	finish    func(g memory.Guest) error    // slice 0, once every vCPU is done
+	timeout   time.Duration                 // default 2 minutes
 	tweak     func(i int, cfg *SliceConfig) // last changes to slice i's config
 }
 
@@ -188,13 +189,16 @@ func runCustom(t testing.TB, vm customVM) []SliceResult {
 		}(i)
 	}
 	wg.Wait()
+	var bad []string
 	for i := 0; i < n; i++ {
 		if errs[i] != nil {
-			t.Fatalf("slice %d: %v", i, errs[i])
+			bad = append(bad, fmt.Sprintf("slice %d: %v", i, errs[i]))
+		} else if res[i].Exit.Kind != machine.ExitPoweroff {
+			bad = append(bad, fmt.Sprintf("slice %d exit %v: %s", i, res[i].Exit.Kind, res[i].Exit.Reason))
 		}
-		if res[i].Exit.Kind != machine.ExitPoweroff {
-			t.Fatalf("slice %d exit %v: %s", i, res[i].Exit.Kind, res[i].Exit.Reason)
-		}
+	}
+	if bad != nil {
+		t.Fatal(strings.Join(bad, "\n"))
 	}
 	return res
 }

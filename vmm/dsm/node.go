@@ -81,6 +81,7 @@ type Stats struct {
 	Fetches                 atomic.Int64 // copies this slice supplied
 	IOForwarded             atomic.Int64 // device accesses sent to slice 0
 	IOServed                atomic.Int64 // slice 0: forwarded device accesses performed
+	IRQsSent, IRQsReceived  atomic.Int64 // interrupt messages to/from other slices
 }
 
 // NodeConfig configures a Node.

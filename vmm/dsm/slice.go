@@ -6,8 +6,10 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
+	"github.com/hpcvm/hpcvm/vmm/irqchip"
 	"github.com/hpcvm/hpcvm/vmm/kvm"
 	"github.com/hpcvm/hpcvm/vmm/layout"
 	"github.com/hpcvm/hpcvm/vmm/machine"
@@ -46,6 +48,12 @@ type Home struct {
 	// Memory is coherent guest memory: devices must use it (never the
 	// RAM directly).
 	Memory memory.Guest
+	// IOAPIC is the VM's IOAPIC (at layout.IOAPICAddr): devices take
+	// their interrupt lines from it (IOAPIC.Line).
+	IOAPIC *irqchip.IOAPIC
+	// MSI sends a message-signalled interrupt to whichever slice runs
+	// its target vCPU.
+	MSI func(addr uint64, data uint32)
 }
 
 // SliceResult is the outcome of RunSlice.
@@ -57,20 +65,18 @@ type SliceResult struct {
 // StatsSnapshot is a copy of Stats.
 type StatsSnapshot struct {
 	ReadFaults, WriteFaults, Requests, HomeServed, Invalidations, Fetches int64
-	IOForwarded, IOServed                                                 int64
+	IOForwarded, IOServed, IRQsSent, IRQsReceived                         int64
 }
 
 // Snapshot copies the counters.
 func (s *Stats) Snapshot() StatsSnapshot {
 	return StatsSnapshot{s.ReadFaults.Load(), s.WriteFaults.Load(), s.Requests.Load(), s.HomeServed.Load(),
-		s.Invalidations.Load(), s.Fetches.Load(), s.IOForwarded.Load(), s.IOServed.Load()}
+		s.Invalidations.Load(), s.Fetches.Load(), s.IOForwarded.Load(), s.IOServed.Load(),
+		s.IRQsSent.Load(), s.IRQsReceived.Load()}
 }
 
-// imageLoaded wraps a loader whose image is already in memory (or comes
-// from slice 0 through the protocol): only vCPU setup remains.
-type imageLoaded struct{ machine.Loader }
-
-func (imageLoaded) Load(*memory.RAM, int) error { return nil }
+// machine returns the slice's machine once it exists (else nil).
+func (s *sliceRun) machine() *machine.Machine { return s.mp.Load() }
 
 // sliceRun is the coordination state of one slice.
 type sliceRun struct {
@@ -82,6 +88,8 @@ type sliceRun struct {
 	log   *slog.Logger
 	tr    *Transport
 	node  *Node
+	irq   *irqState
+	mp    atomic.Pointer[machine.Machine]
 
 	mu       sync.Mutex
 	m        *machine.Machine
@@ -121,6 +129,9 @@ func RunSlice(ctx context.Context, cfg SliceConfig) (SliceResult, error) {
 		return SliceResult{}, fmt.Errorf("dsm: slice id %d not in 0..%d", s.id, s.n-1)
 	}
 	s.ncpu, s.vcpus = ncpu, cfg.Placement[s.id]
+	// Before the transport: interrupt messages may arrive as soon as it runs.
+	s.irq = newIRQState(s)
+	defer s.irq.close()
 	ram, err := memory.NewRAM(cfg.MemBytes, layout.MMIOGapStart)
 	if err != nil {
 		return SliceResult{}, err
@@ -144,24 +155,34 @@ func RunSlice(ctx context.Context, cfg SliceConfig) (SliceResult, error) {
 	}
 	defer s.node.Close()
 	run := append([]int{}, s.vcpus...) // non-nil: machine treats nil as "all vCPUs"
-	m, err := machine.New(machine.Config{CPUs: s.ncpu, MemBytes: cfg.MemBytes, Loader: imageLoaded{cfg.Loader},
+	// No in-kernel irqchip: the slices emulate the interrupt controllers.
+	m, err := machine.New(machine.Config{CPUs: s.ncpu, MemBytes: cfg.MemBytes, Loader: startLoader{cfg.Loader, s.irq},
 		RAM: ram, RunVCPUs: run, Logger: cfg.Logger, Hooks: &sliceHooks{s: s}})
 	if err != nil {
 		return SliceResult{}, err
 	}
 	defer m.Close()
+	if err := m.VM().TrapMSRs(msrTSCDeadline); err != nil {
+		s.log.Warn("dsm: no TSC-deadline timer (IA32_TSC_DEADLINE cannot be trapped)", "err", err)
+	}
 	if s.id == 0 {
 		if err := m.IO.Register("dsm-done", uint64(cfg.DonePort), 1, &doneDev{s: s}); err != nil {
 			return SliceResult{}, err
 		}
+		if err := m.MMIO.Register("ioapic", layout.IOAPICAddr, irqchip.IOAPICSize, s.irq.ioapic); err != nil {
+			return SliceResult{}, err
+		}
 		if cfg.Setup != nil {
-			if err := cfg.Setup(&Home{Machine: m, Memory: s.node}); err != nil {
+			h := &Home{Machine: m, Memory: s.node, IOAPIC: s.irq.ioapic,
+				MSI: func(addr uint64, data uint32) { s.irq.deliver(irqchip.MSIMessage(addr, data)) }}
+			if err := cfg.Setup(h); err != nil {
 				return SliceResult{}, err
 			}
 		}
 	}
 	s.mu.Lock()
 	s.m = m
+	s.mp.Store(m)
 	pre := s.stop
 	s.mu.Unlock()
 	readyOnce()
@@ -222,6 +243,10 @@ func (s *sliceRun) control(from int, m *Msg) {
 		// Devices may need guest pages from the very slice whose reader
 		// this is: never run them on the reader goroutine.
 		go s.serveIO(from, &r)
+	case MsgInterrupt, MsgEOI, MsgAPICState:
+		if err := s.irq.receive(from, m); err != nil {
+			s.node.fail(err)
+		}
 	case MsgShutdown:
 		s.tr.SetClosing()
 		s.node.send(0, &Msg{Type: MsgShutdownAck})

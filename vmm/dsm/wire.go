@@ -59,6 +59,9 @@ const (
 	MsgShutdownAck MsgType = 34 // slice -> slice 0: stopping, will not need pages
 	MsgIOReq       MsgType = 40 // slice -> slice 0: a vCPU's port I/O or MMIO access, for the home's devices
 	MsgIOReply     MsgType = 41 // slice 0 -> slice: access done (with the data read)
+	MsgInterrupt   MsgType = 42 // -> the slice running a vCPU: an interrupt message for its local APIC
+	MsgEOI         MsgType = 43 // -> slice 0: a level-triggered vector was EOIed (IOAPIC remote IRR)
+	MsgAPICState   MsgType = 44 // -> every slice: a local APIC's ID/LDR/DFR changed
 )
 
 var typeNames = map[MsgType]string{
@@ -66,7 +69,7 @@ var typeNames = map[MsgType]string{
 	MsgError: "error", MsgHeartbeat: "heartbeat", MsgReadReq: "read-req", MsgWriteReq: "write-req",
 	MsgFetch: "fetch", MsgFetchReply: "fetch-reply", MsgInvalidate: "invalidate", MsgInvAck: "inv-ack",
 	MsgGrant: "grant", MsgShutdown: "shutdown", MsgShutdownAck: "shutdown-ack",
-	MsgIOReq: "io-req", MsgIOReply: "io-reply",
+	MsgIOReq: "io-req", MsgIOReply: "io-reply", MsgInterrupt: "interrupt", MsgEOI: "eoi", MsgAPICState: "apic-state",
 }
 
 func (t MsgType) String() string {
@@ -112,13 +115,23 @@ type Msg struct {
 	// written by an IOReq write; the bytes read in an IOReply.
 	Data []byte
 
-	// IOReq: a vCPU's access of Count elements of Size bytes at Addr.
+	// IOReq: vCPU VCPU's access of Count elements of Size bytes at Addr.
 	Addr    uint64
-	VCPU    uint16
+	VCPU    uint16 // also: Interrupt's target vCPU, APICState's vCPU
 	Space   IOSpace
 	IOWrite bool
 	Size    uint8
 	Count   uint16
+
+	// Interrupt (to vCPU VCPU), EOI (Vector only).
+	Vector uint8
+	Mode   uint8 // delivery mode (irqchip.DeliveryMode)
+	Level  bool  // level-triggered
+	Assert bool
+
+	// APICState of vCPU VCPU: APIC ID, logical ID (LDR[31:24]), DFR
+	// model (DFR[31:28]).
+	APICID, LDR, DFR uint8
 
 	// Hello / Challenge / Proof.
 	From, To uint16
@@ -193,6 +206,27 @@ func AppendFrame(b []byte, m *Msg) ([]byte, error) {
 			return nil, fmt.Errorf("dsm: io-reply with %d data bytes (at most %d)", len(m.Data), MaxIOData)
 		}
 		b = append(b, m.Data...)
+	case m.Type == MsgInterrupt:
+		if m.Mode > 7 || m.Mode == 3 {
+			return nil, fmt.Errorf("dsm: interrupt with delivery mode %d", m.Mode)
+		}
+		var fl byte
+		if m.Level {
+			fl |= 1
+		}
+		if m.Assert {
+			fl |= 2
+		}
+		b = binary.BigEndian.AppendUint16(b, m.VCPU)
+		b = append(b, m.Vector, m.Mode, fl)
+	case m.Type == MsgEOI:
+		b = append(b, m.Vector)
+	case m.Type == MsgAPICState:
+		if m.DFR > 0xF {
+			return nil, fmt.Errorf("dsm: apic-state with DFR model %#x", m.DFR)
+		}
+		b = binary.BigEndian.AppendUint16(b, m.VCPU)
+		b = append(b, m.APICID, m.LDR, m.DFR)
 	case m.Type == MsgWelcome || m.Type == MsgHeartbeat || m.Type == MsgShutdownAck:
 	default:
 		return nil, fmt.Errorf("dsm: cannot encode message type %v", m.Type)
@@ -363,6 +397,33 @@ func decodePayload(t MsgType, id uint64, p []byte) (Msg, error) {
 		}
 		if len(p) > 0 {
 			m.Data = p
+		}
+	case t == MsgInterrupt:
+		if len(p) != 5 {
+			return Msg{}, protoErr("interrupt payload of %d bytes", len(p))
+		}
+		m.VCPU = binary.BigEndian.Uint16(p)
+		m.Vector, m.Mode = p[2], p[3]
+		if m.Mode > 7 || m.Mode == 3 {
+			return Msg{}, protoErr("interrupt with delivery mode %d", m.Mode)
+		}
+		if p[4]&^3 != 0 {
+			return Msg{}, protoErr("interrupt with unknown flags %#x", p[4])
+		}
+		m.Level, m.Assert = p[4]&1 != 0, p[4]&2 != 0
+	case t == MsgEOI:
+		if len(p) != 1 {
+			return Msg{}, protoErr("eoi payload of %d bytes", len(p))
+		}
+		m.Vector = p[0]
+	case t == MsgAPICState:
+		if len(p) != 5 {
+			return Msg{}, protoErr("apic-state payload of %d bytes", len(p))
+		}
+		m.VCPU = binary.BigEndian.Uint16(p)
+		m.APICID, m.LDR, m.DFR = p[2], p[3], p[4]
+		if m.DFR > 0xF {
+			return Msg{}, protoErr("apic-state with DFR model %#x", m.DFR)
 		}
 	case t == MsgWelcome || t == MsgHeartbeat || t == MsgShutdownAck:
 		if len(p) != 0 {

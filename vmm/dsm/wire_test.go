@@ -33,6 +33,11 @@ func sampleMsgs() []Msg {
 		{Type: MsgIOReq, ReqID: 13, Addr: 0x10, Space: SpacePort, IOWrite: true, Size: 4, Count: 1024, Data: bytes.Repeat([]byte{7}, 4096)},
 		{Type: MsgIOReply, ReqID: 12, Data: []byte{1, 2, 3, 4}},
 		{Type: MsgIOReply, ReqID: 11},
+		{Type: MsgInterrupt, VCPU: 5, Vector: 0x40, Mode: 0, Assert: true},
+		{Type: MsgInterrupt, VCPU: 1, Vector: 0x9A, Mode: 6},
+		{Type: MsgInterrupt, VCPU: 2, Vector: 0x31, Mode: 1, Level: true, Assert: true},
+		{Type: MsgEOI, Vector: 0x31},
+		{Type: MsgAPICState, VCPU: 3, APICID: 3, LDR: 0x08, DFR: 0xF},
 		{Type: MsgShutdown, Text: "all slices done"},
 		{Type: MsgShutdownAck},
 	}
@@ -103,6 +108,9 @@ func TestIOReqRejects(t *testing.T) {
 		{Type: MsgIOReq, Space: SpacePort, Size: 1, Count: 1, IOWrite: true},
 		{Type: MsgIOReq, Space: SpacePort, Size: 1, Count: 1, Data: []byte{1}},
 		{Type: MsgIOReply, Data: make([]byte, MaxIOData+1)},
+		{Type: MsgInterrupt, Mode: 3},
+		{Type: MsgInterrupt, Mode: 8},
+		{Type: MsgAPICState, DFR: 0x10},
 	} {
 		if _, err := AppendFrame(nil, &m); err == nil {
 			t.Errorf("encoded a bad %+v", m)

@@ -60,7 +60,9 @@ func (c *VCPU) SetRequestInterruptWindow(on bool) {
 
 // ReadyForInterruptInjection reports kvm_run.ready_for_interrupt_injection
 // from the last exit: an interrupt queued now is delivered on entry.
-func (c *VCPU) ReadyForInterruptInjection() bool { return c.run.header().ReadyForInterruptInjection != 0 }
+func (c *VCPU) ReadyForInterruptInjection() bool {
+	return c.run.header().ReadyForInterruptInjection != 0
+}
 
 // InterruptFlag reports kvm_run.if_flag (RFLAGS.IF) from the last exit.
 func (c *VCPU) InterruptFlag() bool { return c.run.header().IfFlag != 0 }

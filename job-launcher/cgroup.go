@@ -66,14 +66,16 @@ type v2Cgroup struct {
 	m         *cgroup2.Manager
 	path      string
 	destroyed bool
+	// leaf is set when this process moved itself out of its cgroup
+	// (parent) into leaf, to be allowed to enable controllers in parent;
+	// Destroy undoes it.
+	parent, leaf string
+	enabled      []string
 }
 
-func newV2(name string, lim CgroupLimits) (Cgroup, error) {
-	parent, err := cgroup2.NestedGroupPath("")
-	if err != nil {
-		return nil, fmt.Errorf("cgroup v2: this process's cgroup: %w", err)
-	}
-	group := strings.TrimSuffix(parent, "/") + "/" + name
+const v2Mount = "/sys/fs/cgroup"
+
+func v2Resources(lim CgroupLimits) *cgroup2.Resources {
 	res := &cgroup2.Resources{}
 	if lim.MemoryMax > 0 || lim.MemoryHigh > 0 {
 		res.Memory = &cgroup2.Memory{}
@@ -101,11 +103,80 @@ func newV2(name string, lim CgroupLimits) (Cgroup, error) {
 	if lim.IOWeight > 0 {
 		res.IO = &cgroup2.IO{BFQ: cgroup2.BFQ{Weight: uint16(lim.IOWeight)}}
 	}
-	m, err := cgroup2.NewManager("/sys/fs/cgroup", group, res)
+	return res
+}
+
+// newV2 creates the cgroup below this process's own. cgroup v2 does not
+// let a cgroup that holds processes enable controllers for its children
+// (the "no internal processes" rule). When this process is alone in its
+// cgroup (Slurm's task cgroup under proctrack/cgroup) it first moves itself
+// into a leaf child. When others share it (Slurm does not confine the step
+// in a cgroup of its own, so there are no job limits to stay within) the
+// VMM cgroup goes to the root of the hierarchy.
+func newV2(name string, lim CgroupLimits) (Cgroup, error) {
+	parent, err := cgroup2.NestedGroupPath("")
 	if err != nil {
-		return nil, fmt.Errorf("cgroup v2 %s: %w", group, err)
+		return nil, fmt.Errorf("cgroup v2: this process's cgroup: %w", err)
 	}
-	return &v2Cgroup{m: m, path: "/sys/fs/cgroup" + group}, nil
+	parent = "/" + strings.Trim(parent, "/")
+	res := v2Resources(lim)
+	c := &v2Cgroup{enabled: res.EnabledControllers()}
+	try := func(dir string) error {
+		group := strings.TrimSuffix(dir, "/") + "/" + name
+		m, err := cgroup2.NewManager(v2Mount, group, res)
+		if err == nil {
+			c.m, c.path = m, v2Mount+group
+		}
+		return err
+	}
+	err = try(parent)
+	if err == nil {
+		return c, nil
+	}
+	if parent == "/" {
+		return nil, fmt.Errorf("cgroup v2 /%s: %w", name, err)
+	}
+	procs, _ := os.ReadFile(v2Mount + parent + "/cgroup.procs")
+	if strings.TrimSpace(string(procs)) == fmt.Sprint(os.Getpid()) {
+		leaf := parent + "/" + name + "-launcher"
+		if err := os.Mkdir(v2Mount+leaf, 0o755); err != nil && !errors.Is(err, os.ErrExist) {
+			return nil, fmt.Errorf("cgroup v2 %s: %w", leaf, err)
+		}
+		if err := os.WriteFile(v2Mount+leaf+"/cgroup.procs", []byte(fmt.Sprint(os.Getpid())), 0o644); err != nil {
+			os.Remove(v2Mount + leaf)
+			return nil, fmt.Errorf("cgroup v2: moving into %s: %w", leaf, err)
+		}
+		c.parent, c.leaf = parent, leaf
+		if err := try(parent); err != nil {
+			c.undoLeaf()
+			return nil, fmt.Errorf("cgroup v2 %s/%s: %w", parent, name, err)
+		}
+		return c, nil
+	}
+	if err := try("/"); err != nil {
+		return nil, fmt.Errorf("cgroup v2 /%s (%s is shared with other processes): %w", name, parent, err)
+	}
+	return c, nil
+}
+
+// undoLeaf moves this process back from its leaf into its original cgroup
+// (first disabling the controllers enabled there for the VMM cgroup: a
+// cgroup with enabled controllers may not hold processes) and removes the
+// leaf.
+func (c *v2Cgroup) undoLeaf() {
+	if c.leaf == "" {
+		return
+	}
+	var off []string
+	for _, ctl := range c.enabled {
+		off = append(off, "-"+ctl)
+	}
+	if len(off) > 0 {
+		os.WriteFile(v2Mount+c.parent+"/cgroup.subtree_control", []byte(strings.Join(off, " ")), 0o644)
+	}
+	os.WriteFile(v2Mount+c.parent+"/cgroup.procs", []byte(fmt.Sprint(os.Getpid())), 0o644)
+	os.Remove(v2Mount + c.leaf)
+	c.leaf = ""
 }
 
 func (c *v2Cgroup) Add(pid int) error {
@@ -138,6 +209,9 @@ func (c *v2Cgroup) Destroy() error {
 	_ = c.m.Kill()
 	err := retryBusy(func() error { return c.m.Delete() })
 	c.destroyed = err == nil
+	if err == nil {
+		c.undoLeaf()
+	}
 	return err
 }
 

@@ -3,6 +3,8 @@
 #   make spank        the C SPANK plugin: bin/hpcvm_spank.so
 #   make spank-test   the plugin's fast e2e test (namespaced slurmd nodes on this host, no VMs)
 #   make lab-up / lab-status / lab-down   a Slurm cluster of virt nodes (hpcvm lab)
+#   make e2e-slurm-vm  the real-guest Slurm job test (opt-in: minutes under TCG)
+#   make bench-slurm   submit-to-first-output latency -> docs/benchmarks.md
 #   make demo-slurm   the README's main job: sbatch -N 2 --vm-image=debian12 examples/hello.sbatch
 SLURM_APT := slurmctld slurmd slurm-client munge libslurm-dev
 SPANK_SO := $(BIN)/hpcvm_spank.so
@@ -11,7 +13,7 @@ SPANK_HDR := $(wildcard slurm-spank/*.h)
 SPANK_CFLAGS ?= -O2 -g -Wall -Wextra -Werror -std=gnu11 -D_GNU_SOURCE
 LAB_DIR ?= $(HPCVM_CACHE)/lab
 
-.PHONY: slurm-deps spank spank-test lab-up lab-status lab-down demo-slurm
+.PHONY: slurm-deps spank spank-test e2e-slurm-vm lab-up lab-status lab-down demo-slurm bench-slurm
 
 slurm-deps:
 	@missing=""; for p in $(SLURM_APT); do \
@@ -34,3 +36,37 @@ $(SPANK_SO): $(SPANK_SRC) $(SPANK_HDR) slurm-spank/hpcvm_spank.map mk/slurm.mk
 	$(CC) $(SPANK_CFLAGS) -fPIC -shared \
 		-Wl,--version-script=slurm-spank/hpcvm_spank.map \
 		-o $@ $(SPANK_SRC)
+
+# The Slurm e2e tests (test/lab, build tag e2e) run in `make e2e`: the plugin
+# and the launcher in a namespaced Slurm cluster on this host with a fake VMM
+# (~2 min), and the lab brought up in 2 virt nodes. The real-guest job
+# (debian12 booted in the virt nodes, minutes under TCG) is opt-in:
+# make e2e-slurm-vm.
+e2e: slurm-deps spank
+e2e: E2E_PKGS += ./test/lab/
+
+spank-test: slurm-deps spank build
+	HPCVM_E2E_REQUIRE=1 HPCVM_BIN=$(BIN)/hpcvm $(GO) test -tags e2e -count=1 -v -timeout 20m -run 'TestSpank|TestLaunch' ./test/lab/
+
+e2e-slurm-vm: slurm-deps spank build node-assets image-debian12
+	HPCVM_E2E_REQUIRE=1 HPCVM_SLURM_VM_TEST=1 HPCVM_IMAGE_STORE=$(IMAGE_STORE) HPCVM_BIN=$(BIN)/hpcvm \
+		$(GO) test -tags e2e -count=1 -v -timeout 40m -run 'TestVirtLabDebian12Job' ./test/lab/
+
+# demo-slurm: the README's main job on a fresh machine (everything it needs is
+# a prerequisite): a 2-node lab, sbatch -N 2 --vm-image=debian12
+# examples/hello.sbatch, its output and Slurm's record, teardown.
+demo-slurm: deps slurm-deps build spank node-assets image-debian12
+	HPCVM_IMAGE_STORE=$(IMAGE_STORE) $(GO) run ./test/lab/demo --image-store $(IMAGE_STORE)
+
+# Submit-to-first-output latency with and without --vm-image in the same
+# lab; rewrites the "## Slurm" section of docs/benchmarks.md.
+bench-slurm: slurm-deps spank build node-assets image-debian12
+	HPCVM_E2E_REQUIRE=1 HPCVM_IMAGE_STORE=$(IMAGE_STORE) HPCVM_BIN=$(BIN)/hpcvm HPCVM_BENCH_DOC=$(CURDIR)/docs/benchmarks.md \
+		$(GO) test -tags bench -count=1 -v -timeout 60m -run 'TestSlurmBench' ./test/lab/
+
+lab-up: slurm-deps spank build node-assets
+	$(BIN)/hpcvm lab up --dir $(LAB_DIR) --image-store $(IMAGE_STORE)
+lab-status:
+	$(BIN)/hpcvm lab status --dir $(LAB_DIR)
+lab-down:
+	$(BIN)/hpcvm lab down --dir $(LAB_DIR)

@@ -3,7 +3,7 @@
  *
  *   required /usr/lib/slurm/hpcvm_spank.so hpcvm=/usr/bin/hpcvm \
  *       policy_dir=/etc/hpcvm/policy.d image_store=/var/lib/hpcvm/images \
- *       runtime_dir=/run/hpcvm [vmm=/usr/bin/hpcvm] [disk=copy|ro]
+ *       runtime_dir=/run/hpcvm [vmm=/usr/bin/hpcvm] [disk=copy|ro] [boot_timeout=10m]
  *
  * Every argument is KEY=VALUE, paths absolute; an unknown key is an error,
  * so a misspelt setting never silently falls back to a default.
@@ -52,6 +52,16 @@ int hpcvm_config_parse(struct hpcvm_config *cfg, int ac, char **av)
 		};
 		int found = 0;
 
+		if (klen == 12 && strncmp(av[i], "boot_timeout", 12) == 0) {
+			size_t n = eq ? strlen(val) : 0;
+
+			if (n == 0 || n >= sizeof(cfg->boot_timeout) || strspn(val, "0123456789.hms") != n) {
+				slurm_error("%s: plugstack argument %s: want boot_timeout=DURATION such as 10m or 1h30m", HPCVM_PLUGIN, av[i]);
+				return -1;
+			}
+			strcpy(cfg->boot_timeout, val);
+			continue;
+		}
 		if (klen == 4 && strncmp(av[i], "disk", 4) == 0) {
 			if (!eq || (strcmp(val, "copy") != 0 && strcmp(val, "ro") != 0)) {
 				slurm_error("%s: plugstack argument %s: want disk=copy or disk=ro", HPCVM_PLUGIN, av[i]);
@@ -73,7 +83,7 @@ int hpcvm_config_parse(struct hpcvm_config *cfg, int ac, char **av)
 				return -1;
 		}
 		if (!found) {
-			slurm_error("%s: unknown plugstack argument \"%s\" (known: hpcvm=, policy_dir=, image_store=, runtime_dir=, vmm=, disk=)",
+			slurm_error("%s: unknown plugstack argument \"%s\" (known: hpcvm=, policy_dir=, image_store=, runtime_dir=, vmm=, disk=, boot_timeout=)",
 				    HPCVM_PLUGIN, av[i]);
 			return -1;
 		}

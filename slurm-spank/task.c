@@ -58,6 +58,8 @@ int hpcvm_exec_launcher(spank_t sp, const struct hpcvm_state *st)
 	hpcvm_argv_add(&a, "launch");
 	if (stepid == SLURM_BATCH_SCRIPT)
 		hpcvm_argv_add(&a, "--batch");
+	if (c->boot_timeout[0])
+		hpcvm_argv_addf(&a, "--boot-timeout=%s", c->boot_timeout);
 	if (c->vmm[0])
 		hpcvm_argv_addf(&a, "--vmm=%s", c->vmm);
 	hpcvm_argv_addf(&a, "--policy-dir=%s", c->policy_dir);

@@ -85,7 +85,7 @@ func StartVirt(ctx context.Context, o VirtOptions) (_ *VirtCluster, err error) {
 	c.Config = Config{Dir: o.Dir, SpankSO: o.SpankSO, MungeSocket: local + "/munge.socket",
 		SpoolDir: local + "/spool/%n", DefMemPerNodeMiB: realMem}
 	c.Plugstack = append([]string{"hpcvm=" + o.Hpcvm, "policy_dir=" + o.PolicyDir, "image_store=" + o.ImageStore,
-		"runtime_dir=/run/hpcvm", "disk=ro"}, o.Plugstack...)
+		"runtime_dir=/run/hpcvm", "disk=ro", "boot_timeout=30m"}, o.Plugstack...)
 	c.Plugstack = dedupeArgs(c.Plugstack)
 	for i := 1; i <= o.Nodes; i++ {
 		c.Nodes = append(c.Nodes, NodeSpec{Name: fmt.Sprintf("n%d", i), Addr: nodeAddr(i), CPUs: o.CPUs, MemMiB: realMem})

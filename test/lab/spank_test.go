@@ -6,7 +6,9 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"sort"
 	"strings"
 	"sync"
 	"testing"
@@ -296,5 +298,27 @@ func TestSpankUnknownPlugstackArgument(t *testing.T) {
 	}
 	if !strings.Contains(r.Stderr, `unknown plugstack argument "polcy_dir=/etc"`) {
 		t.Errorf("error does not name the argument: %s", r)
+	}
+}
+
+// TestSpankExportsOnlyPluginSymbols checks the linker version script: the
+// plugin exports the SPANK interface and nothing else.
+func TestSpankExportsOnlyPluginSymbols(t *testing.T) {
+	RequireHost(t)
+	out, err := exec.Command("nm", "-D", "--defined-only", SpankSO()).Output()
+	if err != nil {
+		Require(t, fmt.Sprintf("nm (binutils): %v", err))
+	}
+	var got []string
+	for _, l := range strings.Split(strings.TrimSpace(string(out)), "\n") {
+		if f := strings.Fields(l); len(f) == 3 {
+			got = append(got, f[2])
+		}
+	}
+	sort.Strings(got)
+	want := []string{"plugin_name", "plugin_type", "plugin_version", "slurm_spank_exit", "slurm_spank_init",
+		"slurm_spank_init_post_opt", "slurm_spank_task_init", "spank_plugin_version"}
+	if strings.Join(got, " ") != strings.Join(want, " ") {
+		t.Errorf("exported symbols %v, want %v", got, want)
 	}
 }

@@ -54,7 +54,6 @@ static void add_request(struct hpcvm_argv *a, const struct hpcvm_state *st)
 	static const char *const partition[] = {"SBATCH_PARTITION", "SLURM_PARTITION", NULL};
 	static const char *const account[] = {"SBATCH_ACCOUNT", "SLURM_ACCOUNT", NULL};
 	static const char *const qos[] = {"SBATCH_QOS", "SLURM_QOS", NULL};
-	static const char *const timelimit[] = {"SBATCH_TIMELIMIT", "SLURM_TIMELIMIT", NULL};
 	const char *v;
 
 	if (pw)
@@ -81,7 +80,8 @@ static void add_request(struct hpcvm_argv *a, const struct hpcvm_state *st)
 		hpcvm_argv_addf(a, "--account=%s", v);
 	if ((v = first_env(qos)))
 		hpcvm_argv_addf(a, "--qos=%s", v);
-	(void)timelimit; /* Slurm's time syntax differs from the policy's; checked at launch */
+	/* No --walltime: the time limit is not known here in 22.05 (and
+	 * SBATCH_TIMELIMIT uses Slurm's syntax); `hpcvm launch` checks it. */
 }
 
 static int run_checked(struct hpcvm_argv *a, const char *what)

@@ -67,7 +67,7 @@ func sliceSpec(i int, addrs []string, ln net.Listener, placement [][]int, prog s
 	p := mustProgram(prog)
 	return SliceConfig{
 		Transport: TransportConfig{ID: i, Addrs: addrs, Listener: ln, VMID: "test-vm", Secret: testSecret, Logger: lg,
-			PeerTimeout: 3 * time.Second, ConnectTimeout: 20 * time.Second},
+			PeerTimeout: 30 * time.Second, ConnectTimeout: 20 * time.Second},
 		Placement: placement, MemBytes: testMem,
 		Loader:   microguest.Program{Code: p.Build(iters)},
 		DonePort: portDone,
@@ -175,7 +175,7 @@ func runCustom(t testing.TB, vm customVM) []SliceResult {
 	for i := 0; i < n; i++ {
 		cfg := SliceConfig{
 			Transport: TransportConfig{ID: i, Addrs: addrs, Listener: lns[i], VMID: "test-vm", Secret: testSecret, Logger: lg,
-				PeerTimeout: 3 * time.Second, ConnectTimeout: 20 * time.Second},
+				PeerTimeout: 30 * time.Second, ConnectTimeout: 20 * time.Second},
 			Placement: vm.placement, MemBytes: vm.mem, Loader: vm.loader, DonePort: portDone,
 			Setup: vm.setup, Finish: vm.finish, Logger: lg,
 		}

@@ -86,8 +86,8 @@ func mesh(t *testing.T, n int, secrets [][]byte, logs []*logBuffer) ([]*Transpor
 			defer wg.Done()
 			lg := slog.New(slog.NewTextHandler(logs[i], nil))
 			trs[i], errs[i] = NewTransport(context.Background(), TransportConfig{ID: i, Addrs: addrs, Listener: lns[i],
-				VMID: "vm-test", Secret: secrets[i], Logger: lg, ConnectTimeout: 2 * time.Second,
-				Heartbeat: 50 * time.Millisecond, PeerTimeout: time.Second})
+				VMID: "vm-test", Secret: secrets[i], Logger: lg, ConnectTimeout: 20 * time.Second,
+				Heartbeat: 50 * time.Millisecond, PeerTimeout: 10 * time.Second})
 		}(i)
 	}
 	wg.Wait()
@@ -237,8 +237,8 @@ func TestPeerDeathDetected(t *testing.T) {
 			if !strings.Contains(err.Error(), "slice 2") {
 				t.Fatalf("slice %d failure does not name slice 2: %v", i, err)
 			}
-		case <-time.After(5 * time.Second):
-			t.Fatalf("slice %d did not notice slice 2's death within 5s", i)
+		case <-time.After(time.Minute): // a hang guard, not a latency check
+			t.Fatalf("slice %d did not notice slice 2's death", i)
 		}
 	}
 }

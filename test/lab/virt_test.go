@@ -62,11 +62,12 @@ func imageStore() string {
 func TestVirtLabUp(t *testing.T) {
 	c := startVirtT(t, 2)
 	ctx := testCtx(t, 3*time.Minute)
-	r, err := c.Client(ctx, "srun -N 2 -l sh -c 'hostname; test -c /dev/kvm && echo kvm-ok; grep -c hpcvm_spank /proc/$PPID/maps'")
+	// The task's parent is its slurmstepd, which has the plugin loaded.
+	r, err := c.Client(ctx, "srun -N 2 -l sh -c 'hostname; test -c /dev/kvm && echo kvm-ok; grep -q hpcvm_spank /proc/$PPID/maps && echo plugin-loaded'")
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{"0: n1", "1: n2", "0: kvm-ok", "1: kvm-ok"} {
+	for _, want := range []string{"0: n1", "1: n2", "0: kvm-ok", "1: kvm-ok", "0: plugin-loaded", "1: plugin-loaded"} {
 		if !strings.Contains(r.Stdout, want) {
 			t.Errorf("srun output lacks %q: %s", want, r)
 		}

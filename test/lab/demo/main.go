@@ -73,8 +73,9 @@ func main() {
 
 	work := filepath.Join(dir, "work")
 	os.MkdirAll(work, 0o777)
+	// Relative paths: sbatch runs in the lab directory, which the nodes share.
 	out, errf := filepath.Join(work, "hello.out"), filepath.Join(work, "hello.err")
-	cmd := fmt.Sprintf("sbatch -N %d --vm-image=%s -o %s -e %s %s", *nodes, *image, out, errf, *script)
+	cmd := fmt.Sprintf("sbatch -N %d --vm-image=%s -o work/hello.out -e work/hello.err %s", *nodes, *image, *script)
 	fmt.Printf("\n$ %s\n", strings.Replace(cmd, *script, "examples/hello.sbatch", 1))
 	submitted := time.Now()
 	id, r, err := lab.Submit(ctx, c, cmd)

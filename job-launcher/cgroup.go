@@ -1,10 +1,14 @@
 package launcher
 
 import (
+	"context"
 	"errors"
 	"fmt"
+	"io/fs"
+	"log/slog"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
@@ -338,4 +342,66 @@ func retryBusy(f func() error) error {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+// ReapStaleCgroups removes empty VMM cgroups ("hpcvm-<job>.<step>-<slice>")
+// of jobs that are no longer running: a slice killed with SIGKILL (Slurm's
+// KillWait expired) cannot remove its own. running reports whether a job
+// id is still running; errors count as running (keep the cgroup).
+func ReapStaleCgroups(ctx context.Context, running func(ctx context.Context, job string) (bool, error), log *slog.Logger) {
+	var dirs []string
+	filepath.WalkDir(v2Mount, func(p string, d fs.DirEntry, err error) error {
+		if err != nil || !d.IsDir() {
+			return nil
+		}
+		if strings.Count(strings.TrimPrefix(p, v2Mount), "/") > 8 {
+			return fs.SkipDir
+		}
+		if strings.HasPrefix(d.Name(), "hpcvm-") {
+			dirs = append(dirs, p)
+			return fs.SkipDir
+		}
+		return nil
+	})
+	verdict := map[string]bool{}
+	for _, dir := range dirs {
+		job, _, ok := strings.Cut(strings.TrimPrefix(filepath.Base(dir), "hpcvm-"), ".")
+		if !ok || job == "" {
+			continue
+		}
+		if procs, err := os.ReadFile(filepath.Join(dir, "cgroup.procs")); err != nil || len(strings.TrimSpace(string(procs))) > 0 {
+			continue
+		}
+		alive, seen := verdict[job]
+		if !seen {
+			r, err := running(ctx, job)
+			alive = r || err != nil
+			verdict[job] = alive
+		}
+		if alive {
+			continue
+		}
+		if err := os.Remove(dir); err != nil {
+			log.Warn("removing a stale VMM cgroup", "path", dir, "err", err)
+			continue
+		}
+		log.Info("removed a stale VMM cgroup", "path", dir)
+	}
+}
+
+// SqueueRunning asks Slurm whether a job is still pending or running.
+func SqueueRunning(ctx context.Context, job string) (bool, error) {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, "squeue", "-h", "-j", job, "-o", "%T").Output()
+	if err != nil {
+		// squeue fails for a job the controller no longer knows.
+		var ee *exec.ExitError
+		if errors.As(err, &ee) && strings.Contains(string(ee.Stderr), "Invalid job id") {
+			return false, nil
+		}
+		return false, err
+	}
+	st := strings.TrimSpace(string(out))
+	return st != "" && st != "COMPLETED" && st != "CANCELLED" && st != "FAILED" && st != "TIMEOUT", nil
 }

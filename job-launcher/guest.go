@@ -140,33 +140,41 @@ func (g *srunGuest) Err() error {
 	return fmt.Errorf("VMM step: %w\n%s", g.err, tailFile(g.logFile, 15))
 }
 
-// Stop signals the slice step through srun (which has Slurm send SIGTERM
-// to every slice), then escalates: SIGKILL to srun and `scancel` of the
-// step, so no VMM outlives the launcher's request.
+// Stop asks every slice to stop through srun, which forwards SIGUSR1 to
+// the slice tasks as is (SIGTERM would make srun SIGKILL them, leaving their
+// cgroups behind). If the step does not end in time: SIGTERM to srun (it
+// kills the step), then SIGKILL to srun; Slurm kills what is left of the
+// step with the job.
 func (g *srunGuest) Stop(ctx context.Context) error {
 	g.mu.Lock()
 	g.stopping = true
 	g.mu.Unlock()
-	select {
-	case <-g.done:
-		return nil
-	default:
+	for _, s := range []struct {
+		sig  syscall.Signal
+		wait time.Duration
+	}{{syscall.SIGUSR1, SliceStopGrace + 10*time.Second}, {syscall.SIGTERM, 15 * time.Second}, {syscall.SIGKILL, time.Minute}} {
+		select {
+		case <-g.done:
+			return nil
+		default:
+		}
+		if s.sig != syscall.SIGUSR1 {
+			g.log.Warn("VMM step did not stop; signalling srun", "signal", s.sig)
+		}
+		if s.sig == syscall.SIGKILL {
+			syscall.Kill(-g.cmd.Process.Pid, syscall.SIGKILL)
+		} else {
+			g.cmd.Process.Signal(s.sig)
+		}
+		select {
+		case <-g.done:
+			return nil
+		case <-time.After(s.wait):
+		case <-ctx.Done():
+			return fmt.Errorf("stopping the VMM step: %w", ctx.Err())
+		}
 	}
-	g.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-g.done:
-		return nil
-	case <-time.After(SliceStopGrace + 10*time.Second):
-	case <-ctx.Done():
-	}
-	g.log.Warn("VMM step did not stop after SIGTERM; killing srun and cancelling the step")
-	syscall.Kill(-g.cmd.Process.Pid, syscall.SIGKILL)
-	select {
-	case <-g.done:
-		return nil
-	case <-ctx.Done():
-		return fmt.Errorf("stopping the VMM step: %w", ctx.Err())
-	}
+	return errors.New("the VMM step (srun) did not exit after SIGKILL")
 }
 
 func tailFile(path string, lines int) string {

@@ -29,7 +29,7 @@ type Options struct {
 	GuestDir   string // where the script is staged and run in the guest (default GuestDir)
 	Batch      bool   // the task is a batch script (argv[0] is staged into the guest)
 	Argv       []string
-	VMM        string // the program slices run as `VMM vm run ...` (the hpcvm binary)
+	VMM        []string // the VMM command of the slices (Plan.VMM)
 
 	// BootTimeout bounds boot to the agent answering (default 10 min).
 	BootTimeout time.Duration

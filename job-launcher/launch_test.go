@@ -131,7 +131,7 @@ func newEnv(t *testing.T, argv []string, batch bool, wish Wish, extraEnv ...stri
 	}
 	e := &env{policy: &fakePolicy{}, booter: &fakeBooter{t: t}, stdout: &syncBuf{}, stderr: &syncBuf{}, signals: make(chan os.Signal, 4)}
 	e.l = &Launcher{
-		Opts: Options{Wish: wish, RuntimeDir: t.TempDir(), Batch: batch, Argv: argv, VMM: "/bin/false",
+		Opts: Options{Wish: wish, RuntimeDir: t.TempDir(), Batch: batch, Argv: argv, VMM: []string{"/bin/false"},
 			GuestDir: filepath.Join(t.TempDir(), "guest"), BootTimeout: time.Minute, TermGrace: 10 * time.Second},
 		Env: senv, Environ: environ, Policy: e.policy, Images: fakeImages{}, Booter: e.booter,
 		Signals: e.signals, Stdout: e.stdout, Stderr: e.stderr, Log: slog.New(slog.NewTextHandler(io.Discard, nil)),
@@ -313,7 +313,7 @@ func TestRequestWithoutSlurmMemory(t *testing.T) {
 }
 
 func TestPlanRoundTrip(t *testing.T) {
-	p := &Plan{JobID: "7", StepID: "0", Nodes: []string{"n1"}, RuntimeDir: "/run/hpcvm/7.0", VMM: "/bin/hpcvm",
+	p := &Plan{JobID: "7", StepID: "0", Nodes: []string{"n1"}, RuntimeDir: "/run/hpcvm/7.0", VMM: []string{"/bin/hpcvm", "launch", "vmm"},
 		VM: VMSpec{Kernel: "/k", CPUs: 2, MemBytes: 1 << 30, AgentPort: 1024, DiskMode: DiskModeShared}}
 	s, err := p.Encode()
 	if err != nil {

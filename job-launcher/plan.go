@@ -23,9 +23,10 @@ type Plan struct {
 	// slice, slice 0 runs all of it and the other slices hold their node.
 	VM     VMSpec       `json:"vm"`
 	Cgroup CgroupLimits `json:"cgroup"`
-	// VMM is the program slice 0 runs as `VMM vm run ...`: the hpcvm
-	// binary (tests use a fake).
-	VMM string `json:"vmm"`
+	// VMM is the command slice 0 runs with `hpcvm vm run`'s flags
+	// appended: `hpcvm launch vmm` (tests use a fake). It must ignore
+	// SIGTERM and stop on SIGUSR1 (see SliceTermDelay).
+	VMM []string `json:"vmm"`
 }
 
 // VMSpec is one VM.
@@ -84,7 +85,7 @@ func DecodePlan(s string) (*Plan, error) {
 	if err := dec.Decode(&p); err != nil {
 		return nil, fmt.Errorf("slice plan: %w", err)
 	}
-	if len(p.Nodes) == 0 || p.RuntimeDir == "" || p.VM.Kernel == "" || p.VM.CPUs < 1 || p.VM.MemBytes <= 0 {
+	if len(p.Nodes) == 0 || len(p.VMM) == 0 || p.RuntimeDir == "" || p.VM.Kernel == "" || p.VM.CPUs < 1 || p.VM.MemBytes <= 0 {
 		return nil, fmt.Errorf("slice plan: incomplete (nodes %v, runtime dir %q, kernel %q, %d CPUs, %d bytes)",
 			p.Nodes, p.RuntimeDir, p.VM.Kernel, p.VM.CPUs, p.VM.MemBytes)
 	}

@@ -14,6 +14,12 @@ import (
 	"time"
 )
 
+// SliceTermDelay is how long a slice keeps its VM after Slurm's SIGTERM,
+// waiting for the launcher's stop request (SIGUSR1) so that the guest
+// command can handle the SIGTERM forwarded to it. Slurm's KillWait must be
+// longer than SliceTermDelay + SliceStopGrace.
+const SliceTermDelay = 15 * time.Second
+
 // SliceStopGrace is how long a slice waits for its VMM after SIGTERM before
 // SIGKILL.
 const SliceStopGrace = 5 * time.Second
@@ -22,7 +28,7 @@ const SliceStopGrace = 5 * time.Second
 // the launcher through srun on every node of the step. It creates the
 // node's VMM cgroup (a child of its own cgroup, so within the job's
 // limits); slice 0 copies the image's disk and runs the VM with
-// `hpcvm vm run` inside that cgroup. When ctx ends (srun forwards SIGTERM
+// `hpcvm launch vmm` inside that cgroup. When ctx ends (srun forwards SIGTERM
 // when the launcher stops the step) the VMM is stopped and the cgroup,
 // with anything left in it, removed. It returns the VMM's exit error, nil
 // after a guest poweroff or a stop.
@@ -65,7 +71,7 @@ func RunSlice(ctx context.Context, p *Plan, index int, log *slog.Logger) (err er
 		disk = p.DiskCopy()
 		log.Info("disk copied", "from", p.VM.Disk, "to", disk, "took", time.Since(start).Round(time.Millisecond))
 	}
-	args := []string{"vm", "run", "--kernel", p.VM.Kernel, "--cpus", strconv.Itoa(p.VM.CPUs),
+	args := []string{"--kernel", p.VM.Kernel, "--cpus", strconv.Itoa(p.VM.CPUs),
 		"--mem", fmt.Sprintf("%dMiB", p.VM.MemBytes>>20), "--cmdline", p.VM.Cmdline,
 		"--vsock", p.VsockPath(), "--console", p.ConsolePath()}
 	if p.VM.Initrd != "" {
@@ -75,7 +81,7 @@ func RunSlice(ctx context.Context, p *Plan, index int, log *slog.Logger) (err er
 		args = append(args, "--disk", disk)
 	}
 	os.Remove(p.VsockPath())
-	cmd := exec.Command(p.VMM, args...)
+	cmd := exec.Command(p.VMM[0], append(p.VMM[1:], args...)...)
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	if err := cg.Start(cmd); err != nil {
@@ -92,11 +98,11 @@ func RunSlice(ctx context.Context, p *Plan, index int, log *slog.Logger) (err er
 		return nil
 	case <-ctx.Done():
 	}
-	syscall.Kill(-cmd.Process.Pid, syscall.SIGTERM)
+	syscall.Kill(cmd.Process.Pid, syscall.SIGUSR1)
 	select {
 	case <-done:
 	case <-time.After(SliceStopGrace):
-		log.Warn("VMM did not stop after SIGTERM; killing it", "grace", SliceStopGrace)
+		log.Warn("VMM did not stop after SIGUSR1; killing it", "grace", SliceStopGrace)
 		syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
 		<-done
 	}

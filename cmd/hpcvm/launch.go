@@ -14,7 +14,10 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/hpcvm/hpcvm/internal/units"
 	launcher "github.com/hpcvm/hpcvm/job-launcher"
+	"github.com/hpcvm/hpcvm/vmm/linuxvm"
+	"github.com/hpcvm/hpcvm/vmm/machine"
 )
 
 func init() {
@@ -23,6 +26,7 @@ func init() {
 
 const launchUsage = `usage: hpcvm launch [options] -- COMMAND [ARGS...]
        hpcvm launch slice --plan JSON
+       hpcvm launch vmm [hpcvm vm run options]
 
 The hpcvm SPANK plugin execs this in place of a job's task when the job was
 submitted with --vm-image. It boots the VM on the step's nodes (one
@@ -37,6 +41,9 @@ func launchMain(args []string) int {
 	if len(args) > 0 && args[0] == "slice" {
 		return launchSlice(args[1:])
 	}
+	if len(args) > 0 && args[0] == "vmm" {
+		return launchVMM(args[1:])
+	}
 	fs := flag.NewFlagSet("hpcvm launch", flag.ContinueOnError)
 	var o launcher.Options
 	fs.StringVar(&o.PolicyDir, "policy-dir", defaultPolicyDir, "site policy `DIR`")
@@ -49,7 +56,7 @@ func launchMain(args []string) int {
 	fs.StringVar(&o.Console, "console", "", "write the guest console to `FILE` (--vm-console)")
 	fs.StringVar(&o.DiskMode, "disk-mode", launcher.DiskModeCopy, "copy: boot a private writable copy of the image's disk; ro: boot the image's disk read-only (root read-only, /tmp a tmpfs)")
 	fs.BoolVar(&o.Batch, "batch", false, "the command is a batch script to stage into the guest")
-	vmm := fs.String("vmm", "", "binary the slices run `vm run` with (default: this hpcvm)")
+	vmm := fs.String("vmm", "", "program the slices run as the VMM, with `hpcvm vm run`'s flags (default: hpcvm launch vmm)")
 	bootTimeout := fs.Duration("boot-timeout", 10*time.Minute, "give up if the guest agent does not answer within this")
 	verbose := fs.Bool("v", false, "log progress to stderr")
 	fs.Usage = func() {
@@ -81,9 +88,9 @@ func launchMain(args []string) int {
 		fmt.Fprintf(os.Stderr, "hpcvm launch: finding this binary: %v\n", err)
 		return 1
 	}
-	o.VMM = self
+	o.VMM = []string{self, "launch", "vmm"}
 	if *vmm != "" {
-		o.VMM = *vmm
+		o.VMM = []string{*vmm}
 	}
 	level := slog.LevelWarn
 	if *verbose || os.Getenv("HPCVM_LAUNCH_DEBUG") == "1" {
@@ -158,11 +165,102 @@ func launchSlice(args []string) int {
 		}
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
+	// SIGUSR1 is the launcher's stop request (srun forwards it as is): stop
+	// now. SIGTERM is Slurm ending the job (scancel, time limit): it reaches
+	// the launcher at the same time, which forwards it to the guest command
+	// and then sends SIGUSR1; the VM must live until then, so a slice waits
+	// SliceTermDelay for that before stopping on its own (the launcher may
+	// be gone). Slurm's KillWait must be longer.
+	ctx, stop := context.WithCancel(context.Background())
 	defer stop()
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGUSR1, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
+	go func() {
+		var delayed <-chan time.Time
+		for {
+			select {
+			case s := <-sigs:
+				if s == syscall.SIGUSR1 {
+					stop()
+					return
+				}
+				if delayed == nil {
+					delayed = time.After(launcher.SliceTermDelay)
+				}
+			case <-delayed:
+				stop()
+				return
+			}
+		}
+	}()
+	launcher.ReapStaleCgroups(context.Background(), launcher.SqueueRunning, log)
 	if err := launcher.RunSlice(ctx, plan, *index, log); err != nil {
 		fmt.Fprintf(os.Stderr, "hpcvm launch slice: %v\n", err)
 		return 1
 	}
 	return 0
+}
+
+// launchVMM is the VMM a slice runs: `hpcvm vm run` with the signals of a
+// job step. Slurm sends SIGTERM to every process of every step of a job at
+// once (scancel, time limit); the VM must outlive that until the launcher
+// has forwarded the SIGTERM to the guest command and the command has
+// ended, so the VMM ignores SIGTERM, SIGINT and SIGHUP and stops on SIGUSR1
+// from its slice (Slurm's final SIGKILL still ends it).
+func launchVMM(args []string) int {
+	fs := flag.NewFlagSet("hpcvm launch vmm", flag.ContinueOnError)
+	kernel := fs.String("kernel", "", "guest kernel")
+	initrd := fs.String("initrd", "", "initial ramdisk")
+	var disks diskFlags
+	fs.Var(&disks, "disk", "virtio-blk disk `PATH[,ro]` (repeatable)")
+	cpus := fs.Int("cpus", 1, "vCPUs")
+	mem := fs.String("mem", "512MiB", "guest memory")
+	cmdline := fs.String("cmdline", linuxvm.DefaultCmdline, "kernel command line")
+	vsock := fs.String("vsock", "", "hybrid vsock Unix socket")
+	console := fs.String("console", "", "serial console file")
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
+		return 2
+	}
+	memBytes, err := units.ParseSize(*mem)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "hpcvm launch vmm: --mem: %v\n", err)
+		return 2
+	}
+	// Caught and dropped rather than ignored: an ignored signal stays
+	// ignored in every process started from here.
+	signal.Notify(make(chan os.Signal, 1), syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGUSR1)
+	defer stop()
+	out := os.Stdout
+	if *console != "" {
+		f, err := os.OpenFile(*console, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "hpcvm launch vmm: --console: %v\n", err)
+			return 1
+		}
+		defer f.Close()
+		out = f
+	}
+	cfg := linuxvm.Config{Kernel: *kernel, Initrd: *initrd, Cmdline: *cmdline, CPUs: *cpus, MemBytes: memBytes,
+		Disks: disks, VsockPath: *vsock, VsockCID: 3, Console: out,
+		Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))}
+	if err := cfg.Validate(); err != nil {
+		fmt.Fprintf(os.Stderr, "hpcvm launch vmm: %v\n", err)
+		return 1
+	}
+	exit, err := linuxvm.Run(ctx, cfg)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "hpcvm launch vmm: %v\n", err)
+		return 1
+	}
+	switch {
+	case exit.Kind == machine.ExitPoweroff, exit.Kind == machine.ExitStopped && ctx.Err() != nil:
+		return 0
+	default:
+		fmt.Fprintf(os.Stderr, "hpcvm launch vmm: guest %s: %s\n", exit.Kind, exit.Reason)
+		return 1
+	}
 }

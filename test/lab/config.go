@@ -124,7 +124,7 @@ func (c *Config) write() error {
 	w("MailProg=/bin/true")
 	w("SchedulerParameters=batch_sched_delay=0,sched_min_interval=0")
 	w("MinJobAge=3600")
-	w("KillWait=10")
+	w("KillWait=30") // > the slices' SIGTERM delay + stop grace (docs/slurm.md)
 	w("UnkillableStepTimeout=60")
 	w("PlugStackConfig=%s", c.PlugstackConf())
 	if c.DefMemPerNodeMiB > 0 {

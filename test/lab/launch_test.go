@@ -5,6 +5,7 @@ package lab
 import (
 	"context"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -56,6 +57,9 @@ func startLaunchLab(t *testing.T) *launchLab {
 			if err := WritePolicy(filepath.Join(root, "policy")); err != nil {
 				return err
 			}
+			// Job ids restart at 1 in every lab: VMM cgroups left by an
+			// earlier run (a killed test) must not be mistaken for this one's.
+			removeEmptyVMMCgroups()
 			c, err := StartHost(ctx, HostOptions{Nodes: 2, CPUs: 2, MemMiB: 1000, Dir: filepath.Join(root, "lab"), SpankSO: SpankSO(),
 				Plugstack: []string{"hpcvm=" + HpcvmBin(), "policy_dir=" + root + "/policy", "image_store=" + store,
 					"runtime_dir=" + root + "/run", "vmm=" + fake}})
@@ -106,20 +110,52 @@ func (l *launchLab) vmProcs(i int) []string {
 	return out
 }
 
-// waitNoVMProcs waits (bounded) until no node has hpcvm/VMM processes left.
-func (l *launchLab) waitNoVMProcs(t *testing.T, ctx context.Context) {
+// vmmCgroups lists the VMM cgroups of job id on this machine (the host
+// lab's nodes share its cgroup tree).
+func vmmCgroups(id string) []string {
+	var out []string
+	filepath.WalkDir("/sys/fs/cgroup", func(p string, d fs.DirEntry, err error) error {
+		if err != nil || !d.IsDir() {
+			return nil
+		}
+		if strings.HasPrefix(d.Name(), "hpcvm-"+id+".") {
+			out = append(out, p)
+			return fs.SkipDir
+		}
+		return nil
+	})
+	return out
+}
+
+func removeEmptyVMMCgroups() {
+	var dirs []string
+	filepath.WalkDir("/sys/fs/cgroup", func(p string, d fs.DirEntry, err error) error {
+		if err == nil && d.IsDir() && strings.HasPrefix(d.Name(), "hpcvm-") {
+			dirs = append(dirs, p)
+		}
+		return nil
+	})
+	for i := len(dirs) - 1; i >= 0; i-- {
+		os.Remove(dirs[i]) // fails for a cgroup with processes: kept
+	}
+}
+
+// waitNoVMProcs waits (bounded) until no node has hpcvm/VMM processes left
+// and job id's VMM cgroups are gone.
+func (l *launchLab) waitNoVMProcs(t *testing.T, ctx context.Context, id string) {
 	t.Helper()
 	for {
 		var left []string
 		for i := range l.Nodes {
 			left = append(left, l.vmProcs(i)...)
 		}
+		left = append(left, vmmCgroups(id)...)
 		if len(left) == 0 {
 			return
 		}
 		select {
 		case <-ctx.Done():
-			t.Fatalf("processes left on the nodes: %v", left)
+			t.Fatalf("processes or cgroups left: %v", left)
 		case <-time.After(200 * time.Millisecond):
 		}
 	}
@@ -195,7 +231,7 @@ exit $1
 			if !strings.Contains(m[4], "hpcvm-"+id+".batch-0") || m[5] != fmt.Sprint(1000<<20) {
 				t.Errorf("VMM cgroup %s with memory limit %s, want hpcvm-%s.batch-0 limited to %d", m[4], m[5], id, 1000<<20)
 			}
-			l.waitNoVMProcs(t, ctx)
+			l.waitNoVMProcs(t, ctx, id)
 			if _, err := os.Stat(filepath.Join(l.root, "run", id+".batch")); err == nil {
 				t.Errorf("runtime directory of job %s left behind", id)
 			}
@@ -206,17 +242,18 @@ exit $1
 func TestLaunchSrun(t *testing.T) {
 	l := startLaunchLab(t)
 	ctx := testCtx(t, 2*time.Minute)
-	r, err := l.Client(ctx, "srun -N 2 --vm-image=fake sh -c 'echo in-guest=$HPCVM_GUEST step=$SLURM_STEP_ID; echo err-line >&2; exit 5'")
+	r, err := l.Client(ctx, "srun -N 2 --vm-image=fake sh -c 'echo in-guest=$HPCVM_GUEST step=$SLURM_STEP_ID job=$SLURM_JOB_ID; echo err-line >&2; exit 5'")
 	if err != nil {
 		t.Fatal(err)
 	}
 	if r.ExitCode != 5 {
 		t.Errorf("srun exit status %d, want the guest command's 5: %s", r.ExitCode, r)
 	}
-	if r.Stdout != "in-guest=1 step=0\n" || !strings.HasPrefix(r.Stderr, "err-line\n") || strings.Contains(r.Stderr, "hpcvm") {
-		t.Errorf("want the command once in the VM (task 0), stdout and stderr apart: %s", r)
+	m := regexp.MustCompile(`^in-guest=1 step=0 job=(\d+)\n$`).FindStringSubmatch(r.Stdout)
+	if m == nil || !strings.HasPrefix(r.Stderr, "err-line\n") || strings.Contains(r.Stderr, "hpcvm") {
+		t.Fatalf("want the command once in the VM (task 0), stdout and stderr apart: %s", r)
 	}
-	l.waitNoVMProcs(t, ctx)
+	l.waitNoVMProcs(t, ctx, m[1])
 }
 
 func TestLaunchScancelDuringBoot(t *testing.T) {
@@ -249,7 +286,7 @@ func TestLaunchScancelDuringBoot(t *testing.T) {
 	if j.State != "CANCELLED" {
 		t.Errorf("job %s: %s, want CANCELLED", id, j.State)
 	}
-	l.waitNoVMProcs(t, ctx)
+	l.waitNoVMProcs(t, ctx, id)
 	if b, _ := os.ReadFile(out); strings.Contains(string(b), "never") {
 		t.Errorf("the job ran after scancel: %s", b)
 	}
@@ -288,7 +325,7 @@ wait
 	if j.State != "CANCELLED" {
 		t.Errorf("job %s: %s, want CANCELLED", id, j.State)
 	}
-	l.waitNoVMProcs(t, ctx)
+	l.waitNoVMProcs(t, ctx, id)
 	if b := readFile(t, out); !strings.Contains(b, "got-SIGTERM") {
 		t.Errorf("SIGTERM did not reach the guest command; output:\n%s", b)
 	}
@@ -309,7 +346,7 @@ func TestLaunchTimeLimit(t *testing.T) {
 	if j.State != "TIMEOUT" {
 		t.Errorf("job %s: %s, want TIMEOUT", id, j.State)
 	}
-	l.waitNoVMProcs(t, ctx)
+	l.waitNoVMProcs(t, ctx, id)
 	if b := readFile(t, out); !strings.Contains(b, "running") {
 		t.Errorf("the job never ran:\n%s", b)
 	}

@@ -1,6 +1,7 @@
-// Command fakevmm stands in for `hpcvm vm run` in the host-namespace Slurm
+// Command fakevmm stands in for `hpcvm launch vmm` in the host-namespace Slurm
 // lab (test/lab), where nodes are namespaces on this machine and cannot
-// boot a real guest. It accepts the same flags, "boots" by serving the real
+// boot a real guest. It accepts the same flags (those of `hpcvm vm run`) and
+// signals (SIGTERM ignored, SIGUSR1 stops), "boots" by serving the real
 // guest agent (guest/agent/server) on the hybrid vsock socket, so the
 // launcher's whole path (plugin, srun slices, cgroups, agent protocol,
 // signals, cleanup) runs for real while the job's commands run on the node.
@@ -37,10 +38,7 @@ func (m *multi) String() string     { return strings.Join(*m, ",") }
 func (m *multi) Set(s string) error { *m = append(*m, s); return nil }
 
 func main() {
-	if len(os.Args) < 3 || os.Args[1] != "vm" || os.Args[2] != "run" {
-		fmt.Fprintln(os.Stderr, "fakevmm: usage: fakevmm vm run [hpcvm vm run flags]")
-		os.Exit(2)
-	}
+
 	fs := flag.NewFlagSet("fakevmm", flag.ExitOnError)
 	fs.String("kernel", "", "")
 	fs.String("initrd", "", "")
@@ -52,7 +50,7 @@ func main() {
 	vsock := fs.String("vsock", "", "")
 	console := fs.String("console", "", "")
 	fs.Bool("v", false, "")
-	fs.Parse(os.Args[3:])
+	fs.Parse(os.Args[1:])
 
 	out := io.Writer(os.Stdout)
 	if *console != "" {
@@ -67,7 +65,12 @@ func main() {
 	cg := cgroupOf()
 	fmt.Fprintf(out, "fakevmm: cpus=%d mem=%s disk=%s cgroup=%s memory_limit=%s\n", *cpus, *mem, strings.Join(disks, ","), cg, memoryLimit(cg))
 
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	// Like `hpcvm launch vmm`: Slurm's SIGTERM is for the guest command,
+	// the slice stops the VMM with SIGUSR1.
+	// Caught and dropped rather than ignored: an ignored signal stays
+	// ignored in every process started from here.
+	signal.Notify(make(chan os.Signal, 1), syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGUSR1)
 	defer stop()
 	for _, w := range strings.Fields(*cmdline) {
 		if v, ok := strings.CutPrefix(w, "fakevmm.boot_delay="); ok {

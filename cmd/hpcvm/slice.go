@@ -304,9 +304,8 @@ func runSlice(o *sliceOpts, stdout io.Writer) int {
 	}
 	lg := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level})).With("vm", o.vmID)
 	if os.Getenv("GOMAXPROCS") == "" {
-		// vCPU threads in KVM_RUN and the fault reader in poll(2) each hold
-		// a P until sysmon retakes it: leave Ps for the protocol (docs/dsm.md).
-		runtime.GOMAXPROCS(max(runtime.NumCPU(), len(o.placement[o.id])) + 4)
+		// Threads waiting in the kernel hold Ps: leave Ps for the protocol.
+		runtime.GOMAXPROCS(dsm.SliceGOMAXPROCS(len(o.placement[o.id]), len(o.peers)))
 	}
 	ln, err := net.Listen("tcp", o.listen)
 	if err != nil {

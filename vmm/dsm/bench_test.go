@@ -2,16 +2,20 @@ package dsm
 
 import (
 	"context"
+	"io"
 	"log/slog"
 	"net"
 	"os"
+	"runtime"
 	"sort"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/hpcvm/hpcvm/vmm/layout"
+	"github.com/hpcvm/hpcvm/vmm/machine"
 	"github.com/hpcvm/hpcvm/vmm/memory"
+	"github.com/hpcvm/hpcvm/vmm/microguest"
 	"golang.org/x/sys/unix"
 )
 
@@ -33,6 +37,13 @@ type nodePair struct {
 	trs   [2]*Transport
 }
 
+// benchSpin is the busy-poll budget of the benchmark's nodes and
+// transports (HPCVM_DSM_SPIN, a Go duration; default none).
+func benchSpin() time.Duration {
+	d, _ := time.ParseDuration(os.Getenv("HPCVM_DSM_SPIN"))
+	return d
+}
+
 func newNodePair(b *testing.B) *nodePair {
 	b.Helper()
 	requireKVMAndUFFD(b)
@@ -51,7 +62,7 @@ func newNodePair(b *testing.B) *nodePair {
 		go func(i int) {
 			defer wg.Done()
 			p.trs[i], errs[i] = NewTransport(context.Background(), TransportConfig{ID: i, Addrs: addrs, Listener: lns[i],
-				VMID: "bench", Secret: testSecret, Logger: lg})
+				VMID: "bench", Secret: testSecret, Logger: lg, BusyPoll: benchSpin()})
 		}(i)
 	}
 	wg.Wait()
@@ -59,7 +70,7 @@ func newNodePair(b *testing.B) *nodePair {
 		if errs[i] != nil {
 			b.Fatal(errs[i])
 		}
-		n, err := NewNode(NodeConfig{RAM: p.rams[i], Transport: p.trs[i], Logger: lg,
+		n, err := NewNode(NodeConfig{RAM: p.rams[i], Transport: p.trs[i], Logger: lg, BusyPoll: benchSpin(),
 			OnFail: func(err error) { b.Errorf("node failed: %v", err) }})
 		if err != nil {
 			b.Fatal(err)
@@ -188,22 +199,43 @@ func BenchmarkWriteUpgrade(b *testing.B) {
 	report(b, "upgrade", d)
 }
 
-// BenchmarkTCPRoundTrip4K is the baseline: a 4 KiB frame to a loopback
-// TCP peer and a 4 KiB frame back, with the DSM's framing, on goroutines
-// like the DSM's readers.
-func BenchmarkTCPRoundTrip4K(b *testing.B) {
+// tcpEcho is the baseline: a loopback TCP connection whose far end
+// answers every frame with a frame of the same size, using the DSM's
+// framing. With raw, both ends are like the DSM's connections (blocking
+// sockets, dedicated threads: see sock); otherwise they use Go's net
+// package and its poller, as an ordinary Go program would.
+type tcpEcho struct {
+	c     net.Conn
+	s     *sock
+	fr    *FrameReader
+	frame []byte
+}
+
+func newTCPEcho(b *testing.B, raw bool) *tcpEcho {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		b.Fatal(err)
 	}
-	defer ln.Close()
+	b.Cleanup(func() { ln.Close() })
 	go func() {
 		c, err := ln.Accept()
 		if err != nil {
 			return
 		}
 		defer c.Close()
-		fr := NewFrameReader(c)
+		c.(*net.TCPConn).SetNoDelay(true)
+		var r io.Reader = c
+		write := func(p []byte) error { _, err := c.Write(p); return err }
+		if raw {
+			runtime.LockOSThread()
+			s, err := detach(c, time.Minute, 0)
+			if err != nil {
+				return
+			}
+			defer s.close()
+			r, write = s, s.writeAll
+		}
+		fr := NewFrameReader(r)
 		var out []byte
 		for {
 			m, err := fr.Read()
@@ -212,7 +244,7 @@ func BenchmarkTCPRoundTrip4K(b *testing.B) {
 			}
 			m.Type = MsgGrant
 			out, _ = AppendFrame(out[:0], &m)
-			if _, err := c.Write(out); err != nil {
+			if write(out) != nil {
 				return
 			}
 		}
@@ -221,23 +253,102 @@ func BenchmarkTCPRoundTrip4K(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	defer c.Close()
-	fr := NewFrameReader(c)
+	b.Cleanup(func() { c.Close() })
+	c.(*net.TCPConn).SetNoDelay(true)
 	req := Msg{Type: MsgFetchReply, Page: 1, Flags: FlagData, Data: make([]byte, PageSize)}
 	frame, _ := AppendFrame(nil, &req)
+	e := &tcpEcho{c: c, frame: frame, fr: NewFrameReader(c)}
+	if raw {
+		if e.s, err = detach(c, time.Minute, 0); err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(e.s.close)
+		e.fr = NewFrameReader(e.s)
+	}
+	return e
+}
+
+// roundTrip sends 4 KiB and waits for 4 KiB back.
+func (e *tcpEcho) roundTrip(b *testing.B) time.Duration {
+	t0 := time.Now()
+	var err error
+	if e.s != nil {
+		err = e.s.writeAll(e.frame)
+	} else {
+		_, err = e.c.Write(e.frame)
+	}
+	if err != nil {
+		b.Fatal(err)
+	}
+	if _, err := e.fr.Read(); err != nil {
+		b.Fatal(err)
+	}
+	return time.Since(t0)
+}
+
+// BenchmarkTCPRoundTrip4K: a 4 KiB frame to a loopback TCP peer and a
+// 4 KiB frame back.
+func BenchmarkTCPRoundTrip4K(b *testing.B) {
+	e := newTCPEcho(b, false)
 	d := make([]time.Duration, 0, b.N)
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
-		t0 := time.Now()
-		if _, err := c.Write(frame); err != nil {
-			b.Fatal(err)
-		}
-		if _, err := fr.Read(); err != nil {
-			b.Fatal(err)
-		}
-		d = append(d, time.Since(t0))
+		d = append(d, e.roundTrip(b))
 	}
 	report(b, "rtt", d)
+}
+
+func median(d []time.Duration) time.Duration {
+	s := append([]time.Duration(nil), d...)
+	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+	return s[len(s)/2]
+}
+
+// BenchmarkFaultVsTCP measures, interleaved in one run (so under the same
+// load), a 4 KiB loopback TCP round trip through Go's net package
+// ("rtt"), the same over blocking sockets on dedicated threads like the
+// DSM's ("rawrtt"), a remote read fault and a write upgrade, and reports
+// medians, 99th percentiles and the fault/RTT ratios (docs/benchmarks.md).
+func BenchmarkFaultVsTCP(b *testing.B) {
+	p := newNodePair(b)
+	pp := newPipe(b)
+	e := newTCPEcho(b, false)
+	er := newTCPEcho(b, true)
+	const pgRead, pgUp = 0x200, 0x202 // homed on slice 0
+	p.fillPattern(b, pgRead, 1)
+	p.fillPattern(b, pgUp, 1)
+	readHost, upHost := p.nodes[1].hostPage(pgRead), p.nodes[1].hostPage(pgUp)
+	buf := make([]byte, 8)
+	pp.kernelRead(b, upHost) // shared copy on slice 1
+	var rtt, raw, rd, up []time.Duration
+	runtime.LockOSThread() // the raw client blocks its thread, like a vCPU
+	defer runtime.UnlockOSThread()
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		rtt = append(rtt, e.roundTrip(b))
+		raw = append(raw, er.roundTrip(b))
+
+		t0 := time.Now()
+		pp.kernelRead(b, readHost)
+		rd = append(rd, time.Since(t0))
+
+		t0 = time.Now()
+		pp.kernelWrite(b, upHost, byte(i))
+		up = append(up, time.Since(t0))
+
+		b.StopTimer()
+		p.nodes[0].WriteAt(buf[:1], pgRead*PageSize+8) // invalidates slice 1's copy
+		p.nodes[0].ReadAt(buf[:1], pgUp*PageSize)      // both shared again
+		b.StartTimer()
+	}
+	report(b, "rtt", rtt)
+	report(b, "rawrtt", raw)
+	report(b, "fault", rd)
+	report(b, "upgrade", up)
+	b.ReportMetric(float64(median(rd))/float64(median(rtt)), "fault/rtt")
+	b.ReportMetric(float64(median(up))/float64(median(rtt)), "upgrade/rtt")
+	b.ReportMetric(float64(median(rd))/float64(median(raw)), "fault/rawrtt")
+	b.ReportMetric(float64(median(up))/float64(median(raw)), "upgrade/rawrtt")
 }
 
 // BenchmarkFaultThroughput: 8 threads on slice 1 fault distinct pages
@@ -271,12 +382,51 @@ func BenchmarkFaultThroughput(b *testing.B) {
 	b.ReportMetric(float64(total)/time.Since(t0).Seconds(), "faults/s")
 }
 
+// runPlain runs the "private" program on an ordinary single-node machine
+// (no DSM, no userfaultfd) with ncpu vCPUs and returns the elapsed time.
+func runPlain(b *testing.B, ncpu, iters int) time.Duration {
+	start := time.Now()
+	m, err := machine.New(machine.Config{CPUs: ncpu, MemBytes: testMem, Loader: microguest.Program{Code: mustProgram("private").Build(iters)}})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer m.Close()
+	done := &countDev{n: ncpu, stop: func() { m.Stop(machine.ExitPoweroff, "done", nil) }}
+	if err := m.IO.Register("done", portDone, 1, done); err != nil {
+		b.Fatal(err)
+	}
+	if e := m.Run(context.Background()); e.Kind != machine.ExitPoweroff {
+		b.Fatalf("plain machine: %v %s", e.Kind, e.Reason)
+	}
+	return time.Since(start)
+}
+
+type countDev struct {
+	mu   sync.Mutex
+	n    int
+	stop func()
+}
+
+func (d *countDev) Read(uint64, []byte) {}
+func (d *countDev) Write(uint64, []byte) {
+	d.mu.Lock()
+	d.n--
+	last := d.n == 0
+	d.mu.Unlock()
+	if last {
+		go d.stop()
+	}
+}
+
 // BenchmarkSpeedupPrivate: a low-sharing CPL3 kernel (sum of squares in
 // registers, result to a private page) split over 2 slices x 1 vCPU vs 1
-// slice x 1 vCPU, same total work.
+// slice x 1 vCPU, same total work ("speedup"). The same run also
+// measures what this host gives two vCPUs without any DSM, as the
+// ceiling: one ordinary VM with 2 vCPUs vs one with 1 ("smp-speedup"),
+// and two independent 1-vCPU VMs at once vs one ("2vm-speedup").
 func BenchmarkSpeedupPrivate(b *testing.B) {
 	const work = 1 << 21 // x1024 iterations in total
-	var t1, t2 time.Duration
+	var t1, t2, p1, p2, v2 time.Duration
 	for i := 0; i < b.N; i++ {
 		r1 := runInProcess(b, 1, 1, "private", work)
 		r2 := runInProcess(b, 2, 2, "private", work/2)
@@ -285,10 +435,24 @@ func BenchmarkSpeedupPrivate(b *testing.B) {
 		}
 		t1 += r1.elapsed
 		t2 += r2.elapsed
+		p1 += runPlain(b, 1, work)
+		p2 += runPlain(b, 2, work/2)
+		var wg sync.WaitGroup
+		var e [2]time.Duration
+		start := time.Now()
+		for j := range e {
+			wg.Add(1)
+			go func() { defer wg.Done(); e[j] = runPlain(b, 1, work/2) }()
+		}
+		wg.Wait()
+		v2 += time.Since(start)
 	}
-	b.ReportMetric(t1.Seconds()/float64(b.N), "1slice-s")
-	b.ReportMetric(t2.Seconds()/float64(b.N), "2slices-s")
+	n := float64(b.N)
+	b.ReportMetric(t1.Seconds()/n, "1slice-s")
+	b.ReportMetric(t2.Seconds()/n, "2slices-s")
 	b.ReportMetric(t1.Seconds()/t2.Seconds(), "speedup")
+	b.ReportMetric(p1.Seconds()/p2.Seconds(), "smp-speedup")
+	b.ReportMetric(p1.Seconds()/v2.Seconds(), "2vm-speedup")
 }
 
 // BenchmarkContendedPage: every vCPU does lock inc on one qword; 2 slices,

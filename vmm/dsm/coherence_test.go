@@ -52,14 +52,14 @@ var coherenceCases = []coherenceCase{
 		[]check{wantFinals(func(n, it int) []uint64 { return []uint64{uint64(n * it)} })}},
 	{"spinlock-protected counters sum exactly", "spinlock", 2, 200000,
 		[]check{wantFinals(func(n, it int) []uint64 { return []uint64{uint64(n * it), uint64(n * it)} })}},
-	{"message passing never shows stale data", "mp", 2, 1000,
+	{"message passing never shows stale data", "mp", 2, 400,
 		[]check{wantReports(func(n, it int) []uint32 { return []uint32{0} })}},
-	{"store buffering with mfence never both zero", "sb-mfence", 2, 500,
+	{"store buffering with mfence never both zero", "sb-mfence", 2, 300,
 		[]check{wantReports(func(n, it int) []uint32 { return []uint32{0, uint32(it)} })}},
 	{"barrier holds every vCPU", "barrier", 2, 300,
 		[]check{wantReports(func(n, it int) []uint32 { return zeros(n) }),
 			wantFinals(func(n, it int) []uint64 { return []uint64{uint64(n * it)} })}},
-	{"page ping-pong", "pingpong", 2, 1000,
+	{"page ping-pong", "pingpong", 2, 300,
 		[]check{wantFinals(func(n, it int) []uint64 { return []uint64{uint64(n * it), uint64(n * it), uint64(n * it)} })}},
 }
 
@@ -85,7 +85,7 @@ func TestCoherenceTwoSlicesInProcess(t *testing.T) {
 // without a fence (this DSM is SC, so it should not happen, but only the
 // TSO rules are asserted: every iteration ran and the count is bounded).
 func TestStoreBufferingWithoutFence(t *testing.T) {
-	const iters = 300
+	const iters = 200
 	r := runInProcess(t, 2, 2, "sb", iters)
 	if len(r.reports) != 2 || r.reports[1] != iters || r.reports[0] > iters {
 		t.Fatalf("reports %v, want [both-zero count <= %d, %d]", r.reports, iters, iters)

@@ -77,7 +77,7 @@ func (s *sliceRun) startVCPU(c *kvm.VCPU, v *vcpuIRQ) error {
 		return err
 	}
 	v.lapic.SetTSCHz(khz * 1000)
-	return nil
+	return s.setGuestTSC(c, khz)
 }
 
 // forward performs one access on slice 0 and waits for it; data is the

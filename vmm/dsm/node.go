@@ -18,6 +18,7 @@ import (
 	"math/bits"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/hpcvm/hpcvm/vmm/memory"
 	"github.com/hpcvm/hpcvm/vmm/uffd"
@@ -95,23 +96,27 @@ type NodeConfig struct {
 	// Control receives the non-page messages (done, shutdown) on the
 	// sender's reader goroutine; it must not block.
 	Control func(from int, m *Msg)
+	// BusyPoll: the fault reader polls userfaultfd without sleeping for
+	// this long before it waits in poll(2) (0: never spins).
+	BusyPoll time.Duration
 }
 
 // Node is one slice's coherence engine. It implements memory.Guest.
 type Node struct {
-	id, n   int
-	ram     *memory.RAM
-	regs    []region
-	pages   []page
-	dir     []dirEntry // entries for pages homed here
-	u       *uffd.FD
-	tr      *Transport
-	log     *slog.Logger
-	ctx     context.Context
-	cancel  context.CancelFunc
-	onFail  func(error)
-	control func(int, *Msg)
-	zero    []byte
+	id, n    int
+	ram      *memory.RAM
+	regs     []region
+	pages    []page
+	dir      []dirEntry // entries for pages homed here
+	u        *uffd.FD
+	tr       *Transport
+	log      *slog.Logger
+	ctx      context.Context
+	cancel   context.CancelFunc
+	onFail   func(error)
+	control  func(int, *Msg)
+	zero     []byte
+	busyPoll time.Duration
 
 	pmu     sync.Mutex
 	pending map[uint64]chan Msg
@@ -136,7 +141,8 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 		cfg.Logger = slog.Default()
 	}
 	nd := &Node{id: tr.ID(), n: tr.N(), ram: cfg.RAM, tr: tr, log: cfg.Logger.With("slice", tr.ID()),
-		onFail: cfg.OnFail, control: cfg.Control, zero: make([]byte, PageSize), pending: map[uint64]chan Msg{}}
+		onFail: cfg.OnFail, control: cfg.Control, zero: make([]byte, PageSize), pending: map[uint64]chan Msg{},
+		busyPoll: cfg.BusyPoll}
 	nd.ctx, nd.cancel = context.WithCancel(context.Background())
 	npages := 0
 	for _, r := range cfg.RAM.Regions() {
@@ -182,9 +188,12 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 			return nil, err
 		}
 	}
+	if err := tr.Start(nd); err != nil {
+		u.Close()
+		return nil, err
+	}
 	nd.wg.Add(1)
 	go nd.faultLoop()
-	tr.Start(nd)
 	return nd, nil
 }
 
@@ -282,7 +291,7 @@ func (nd *Node) faultLoop() {
 	defer nd.wg.Done()
 	evs := make([]uffd.Event, 64)
 	for {
-		n, err := nd.u.ReadEvents(evs)
+		n, err := nd.u.ReadEventsSpin(evs, nd.busyPoll)
 		if err != nil {
 			if !errors.Is(err, uffd.ErrClosed) && nd.ctx.Err() == nil {
 				nd.fail(err)
@@ -458,7 +467,7 @@ func (nd *Node) Deliver(from int, m *Msg) {
 		}
 		return
 	}
-	if m.Type == MsgIOReply {
+	if m.Type == MsgIOReply || m.Type == MsgClockReply {
 		nd.reply(from, m)
 		return
 	}
@@ -521,55 +530,71 @@ var errAborted = errors.New("dsm: call aborted")
 func (nd *Node) PeerFailed(peer int, err error) { nd.fail(err) }
 
 func (nd *Node) onFetch(from, idx int, m *Msg) {
-	p := &nd.pages[idx]
-	p.mu.Lock()
-	if p.st == invalid {
-		p.mu.Unlock()
-		nd.fail(fmt.Errorf("%w: slice %d asked for page %#x, which this slice does not hold", ErrProtocol, from, m.Page))
+	r, err := nd.fetchLocal(idx)
+	if err != nil {
+		nd.fail(fmt.Errorf("slice %d asked for page %#x: %w", from, m.Page, err))
 		return
 	}
+	r.ReqID, r.Page = m.ReqID, m.Page
+	nd.send(from, &r)
+}
+
+// fetchLocal answers a fetch for page idx: this slice keeps a shared copy
+// (write-protected before it is copied, so no write is lost) and returns
+// the fetch-reply with its content.
+func (nd *Node) fetchLocal(idx int) (Msg, error) {
+	p := &nd.pages[idx]
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.st == invalid {
+		return Msg{}, fmt.Errorf("%w: this slice does not hold the page", ErrProtocol)
+	}
 	if p.st == exclusive && p.mapped {
-		// Downgrade: write-protect before copying so no write is lost.
 		if err := nd.u.WriteProtect(uffd.Addr(nd.hostPage(idx)), PageSize, true, false); err != nil {
-			p.mu.Unlock()
-			nd.fail(err)
-			return
+			return Msg{}, err
 		}
 	}
 	p.st = shared
 	data, flags := nd.contentLocked(idx)
-	p.mu.Unlock()
 	nd.Stats.Fetches.Add(1)
-	nd.send(from, &Msg{Type: MsgFetchReply, ReqID: m.ReqID, Page: m.Page, Flags: flags, Data: data})
+	return Msg{Type: MsgFetchReply, Flags: flags, Data: data}, nil
 }
 
 func (nd *Node) onInvalidate(from, idx int, m *Msg) {
+	r, err := nd.invalidateLocal(idx, m.Flags&FlagWantData != 0)
+	if err != nil {
+		nd.fail(err)
+		return
+	}
+	r.ReqID, r.Page = m.ReqID, m.Page
+	nd.send(from, &r)
+}
+
+// invalidateLocal drops this slice's copy of page idx and returns the
+// inv-ack (with the content if wantData).
+func (nd *Node) invalidateLocal(idx int, wantData bool) (Msg, error) {
 	p := &nd.pages[idx]
-	reply := Msg{Type: MsgInvAck, ReqID: m.ReqID, Page: m.Page}
+	reply := Msg{Type: MsgInvAck}
 	p.mu.Lock()
+	defer p.mu.Unlock()
 	host := nd.hostPage(idx)
-	if m.Flags&FlagWantData != 0 {
+	if wantData {
 		if p.st == exclusive && p.mapped {
 			if err := nd.u.WriteProtect(uffd.Addr(host), PageSize, true, false); err != nil {
-				p.mu.Unlock()
-				nd.fail(err)
-				return
+				return Msg{}, err
 			}
 		}
 		reply.Data, reply.Flags = nd.contentLocked(idx)
 	}
 	if p.mapped {
 		if err := uffd.DropPages(host); err != nil {
-			p.mu.Unlock()
-			nd.fail(err)
-			return
+			return Msg{}, err
 		}
 		p.mapped = false
 	}
 	p.st = invalid
-	p.mu.Unlock()
 	nd.Stats.Invalidations.Add(1)
-	nd.send(from, &reply)
+	return reply, nil
 }
 
 func (nd *Node) onGrant(from, idx int, m *Msg) {
@@ -577,6 +602,7 @@ func (nd *Node) onGrant(from, idx int, m *Msg) {
 	excl := m.Flags&FlagExclusive != 0
 	p.mu.Lock()
 	var err error
+	woke := true // UFFDIO_COPY and lifting write protection wake the faulting threads
 	switch {
 	case m.Flags.HasContent():
 		if p.mapped {
@@ -597,6 +623,8 @@ func (nd *Node) onGrant(from, idx int, m *Msg) {
 		err = nd.u.WriteProtect(uffd.Addr(nd.hostPage(idx)), PageSize, false, false)
 	case p.st == invalid:
 		err = fmt.Errorf("%w: slice %d granted page %#x without data to a slice holding none", ErrProtocol, from, m.Page)
+	default:
+		woke = false
 	}
 	if excl {
 		p.st = exclusive
@@ -612,9 +640,9 @@ func (nd *Node) onGrant(from, idx int, m *Msg) {
 	if ch != nil {
 		close(ch)
 	}
-	if err == nil {
-		// Copy and lifting protection wake the faulting threads already;
-		// this covers grants that changed nothing.
+	if err == nil && !woke {
+		// A grant that changed nothing (a stale request): wake anyone
+		// who faulted meanwhile, without a redundant syscall otherwise.
 		err = nd.u.Wake(uffd.Addr(nd.hostPage(idx)), PageSize)
 	}
 	if err != nil && nd.ctx.Err() == nil {
@@ -763,8 +791,13 @@ func (nd *Node) callMany(set uint64, mk func(slice int) Msg) (map[int]Msg, error
 		ch    chan Msg
 	}
 	var calls []call
+	self := false
 	for s := set; s != 0; s &= s - 1 {
 		slice := bits.TrailingZeros64(s)
+		if slice == nd.id {
+			self = true
+			continue
+		}
 		m := mk(slice)
 		m.ReqID = nd.seq.Add(1)
 		ch := make(chan Msg, 1)
@@ -774,7 +807,23 @@ func (nd *Node) callMany(set uint64, mk func(slice int) Msg) (map[int]Msg, error
 		calls = append(calls, call{slice, ch})
 		nd.send(slice, &m)
 	}
-	out := make(map[int]Msg, len(calls))
+	out := make(map[int]Msg, len(calls)+1)
+	if self {
+		// This slice's own part, done directly while the others work.
+		m := mk(nd.id)
+		idx, _ := nd.pageIndex(m.Page)
+		var r Msg
+		var err error
+		if m.Type == MsgFetch {
+			r, err = nd.fetchLocal(idx)
+		} else {
+			r, err = nd.invalidateLocal(idx, m.Flags&FlagWantData != 0)
+		}
+		if err != nil {
+			return nil, err
+		}
+		out[nd.id] = r
+	}
 	for _, c := range calls {
 		select {
 		case r := <-c.ch:

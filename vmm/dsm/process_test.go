@@ -60,7 +60,7 @@ func childMain(specJSON string) int {
 	lg := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	// vCPU threads sit in KVM_RUN and the fault reader in poll(2), each
 	// holding a P until sysmon takes it back: leave Ps for the protocol.
-	runtime.GOMAXPROCS(max(runtime.NumCPU(), len(spec.Placement[spec.ID])) + 4)
+	runtime.GOMAXPROCS(SliceGOMAXPROCS(len(spec.Placement[spec.ID]), len(spec.Addrs)))
 	ln, err := net.FileListener(os.NewFile(3, "listener"))
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "slice %d: inherited listener: %v\n", spec.ID, err)

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -90,6 +91,8 @@ type sliceRun struct {
 	node  *Node
 	irq   *irqState
 	mp    atomic.Pointer[machine.Machine]
+	epoch int64      // slice 0: the guest TSC epoch (its monotonic clock)
+	clock guestClock // set before the machine runs
 
 	mu       sync.Mutex
 	m        *machine.Machine
@@ -117,7 +120,8 @@ func RunSlice(ctx context.Context, cfg SliceConfig) (SliceResult, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	s := &sliceRun{cfg: cfg, id: cfg.Transport.ID, n: len(cfg.Transport.Addrs), ready: make(chan struct{})}
+	s := &sliceRun{cfg: cfg, id: cfg.Transport.ID, n: len(cfg.Transport.Addrs), ready: make(chan struct{}),
+		epoch: monotonicNow()}
 	readyOnce := sync.OnceFunc(func() { close(s.ready) })
 	defer readyOnce()
 	s.log = cfg.Logger.With("slice", s.id)
@@ -154,6 +158,9 @@ func RunSlice(ctx context.Context, cfg SliceConfig) (SliceResult, error) {
 		return SliceResult{}, err
 	}
 	defer s.node.Close()
+	if err := s.syncClock(); err != nil {
+		return SliceResult{}, err
+	}
 	run := append([]int{}, s.vcpus...) // non-nil: machine treats nil as "all vCPUs"
 	// No in-kernel irqchip: the slices emulate the interrupt controllers.
 	m, err := machine.New(machine.Config{CPUs: s.ncpu, MemBytes: cfg.MemBytes, Loader: startLoader{cfg.Loader, s.irq},
@@ -243,6 +250,12 @@ func (s *sliceRun) control(from int, m *Msg) {
 		// Devices may need guest pages from the very slice whose reader
 		// this is: never run them on the reader goroutine.
 		go s.serveIO(from, &r)
+	case MsgClockReq:
+		if s.id != 0 {
+			s.node.fail(fmt.Errorf("%w: slice %d asked slice %d for the clock", ErrProtocol, from, s.id))
+			return
+		}
+		s.answerClock(from, m)
 	case MsgInterrupt, MsgEOI, MsgAPICState:
 		if err := s.irq.receive(from, m); err != nil {
 			s.node.fail(err)
@@ -310,4 +323,13 @@ func kvmAvailable() error {
 		return err
 	}
 	return s.Close()
+}
+
+// SliceGOMAXPROCS is the GOMAXPROCS a slice process should run with:
+// vCPU threads in KVM_RUN, the connection readers (one thread per peer,
+// blocked in read(2)) and the fault reader (in poll(2)) each hold a Go P
+// while they wait in the kernel until the runtime takes it back (20 us to
+// 10 ms later), so the protocol needs Ps beyond those (docs/dsm.md).
+func SliceGOMAXPROCS(vcpus, slices int) int {
+	return max(runtime.NumCPU(), vcpus+slices) + 4
 }

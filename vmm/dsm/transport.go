@@ -1,11 +1,13 @@
 package dsm
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -26,6 +28,12 @@ type TransportConfig struct {
 	// (default 3s); ConnectTimeout how long to wait for the whole mesh
 	// (default 30s).
 	Heartbeat, PeerTimeout, ConnectTimeout time.Duration
+	// BusyPoll: a connection's reader polls the socket without sleeping
+	// for this long before it waits in the kernel (0: never spins). A
+	// message arriving meanwhile costs no thread wake-up; the price is a
+	// busy CPU: worth it only with idle cores to spare (on an
+	// oversubscribed host it makes every fault slower).
+	BusyPoll time.Duration
 }
 
 func (c *TransportConfig) defaults() error {
@@ -92,8 +100,9 @@ type Transport struct {
 
 type peer struct {
 	id   int
-	conn net.Conn
-	fr   *FrameReader
+	conn net.Conn     // handshake, then only closed
+	fr   *FrameReader // the handshake's reader
+	sock *sock        // from Start on: the detached socket (see sock)
 	wmu  sync.Mutex
 	wbuf []byte
 	eof  chan struct{} // closed when the reader stops
@@ -214,8 +223,21 @@ func (t *Transport) add(j int, c net.Conn, fr *FrameReader) error {
 	return nil
 }
 
-// Start begins delivering messages to h and sending heartbeats.
-func (t *Transport) Start(h Handler) {
+// Start begins delivering messages to h and sending heartbeats. It fails
+// if a connection cannot be detached from Go's poller (see sock).
+func (t *Transport) Start(h Handler) error {
+	for _, p := range t.peers {
+		if p == nil {
+			continue
+		}
+		s, err := detach(p.conn, t.cfg.PeerTimeout, t.cfg.BusyPoll)
+		if err != nil {
+			return fmt.Errorf("dsm: slice %d: connection to slice %d: %w", t.cfg.ID, p.id, err)
+		}
+		p.wmu.Lock()
+		p.sock = s
+		p.wmu.Unlock()
+	}
 	t.h = h
 	t.started.Store(true)
 	for _, p := range t.peers {
@@ -226,18 +248,24 @@ func (t *Transport) Start(h Handler) {
 	}
 	t.wg.Add(1)
 	go t.heartbeats()
+	return nil
 }
 
 func (t *Transport) readLoop(p *peer) {
 	defer t.wg.Done()
 	defer close(p.eof)
+	// A dedicated thread: a message wakes it directly (see sock).
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	// The handshake read exact frames, so nothing is buffered yet: from
+	// here on read through a buffer (header and payload in one system
+	// call).
+	fr := NewFrameReader(bufio.NewReaderSize(p.sock, 64<<10))
 	for {
-		p.conn.SetReadDeadline(time.Now().Add(t.cfg.PeerTimeout))
-		m, err := p.fr.Read()
+		m, err := fr.Read()
 		if err != nil {
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				err = fmt.Errorf("no message for %v: %w", t.cfg.PeerTimeout, err)
+			if errors.Is(err, errSilent) {
+				err = fmt.Errorf("no message for %v", t.cfg.PeerTimeout)
 			}
 			t.fail(p.id, fmt.Errorf("connection to slice %d lost: %w", p.id, err))
 			return
@@ -301,8 +329,14 @@ func (t *Transport) sendPeer(p *peer, m *Msg) error {
 	if p.wbuf, err = AppendFrame(p.wbuf[:0], m); err != nil {
 		return err
 	}
-	p.conn.SetWriteDeadline(time.Now().Add(t.cfg.PeerTimeout))
-	if _, err := p.conn.Write(p.wbuf); err != nil {
+	if p.sock == nil {
+		// Before Start (the failure notice of a refused peer).
+		p.conn.SetWriteDeadline(time.Now().Add(t.cfg.PeerTimeout))
+		_, err = p.conn.Write(p.wbuf)
+	} else {
+		err = p.sock.writeAll(p.wbuf)
+	}
+	if err != nil {
 		return fmt.Errorf("sending %v to slice %d: %w", m.Type, p.id, err)
 	}
 	return nil
@@ -347,11 +381,22 @@ func (t *Transport) Close() error {
 		t.mu.Lock()
 		for _, p := range t.peers {
 			if p != nil {
+				if p.sock != nil {
+					p.sock.shutdown()
+				}
 				p.conn.Close()
 			}
 		}
 		t.mu.Unlock()
 		t.wg.Wait()
+		for _, p := range t.peers {
+			if p != nil && p.sock != nil {
+				p.wmu.Lock()
+				p.sock.close()
+				p.sock = nil
+				p.wmu.Unlock()
+			}
+		}
 	})
 	return nil
 }

@@ -76,6 +76,13 @@ func (l *logBuffer) String() string {
 
 func mesh(t *testing.T, n int, secrets [][]byte, logs []*logBuffer) ([]*Transport, []error) {
 	t.Helper()
+	return meshWithin(t, n, secrets, logs, 20*time.Second)
+}
+
+// meshWithin is mesh with a connect timeout (how long a slice waits for
+// peers that never authenticate).
+func meshWithin(t *testing.T, n int, secrets [][]byte, logs []*logBuffer, connect time.Duration) ([]*Transport, []error) {
+	t.Helper()
 	lns, addrs := loopbackListeners(t, n)
 	trs := make([]*Transport, n)
 	errs := make([]error, n)
@@ -86,7 +93,7 @@ func mesh(t *testing.T, n int, secrets [][]byte, logs []*logBuffer) ([]*Transpor
 			defer wg.Done()
 			lg := slog.New(slog.NewTextHandler(logs[i], nil))
 			trs[i], errs[i] = NewTransport(context.Background(), TransportConfig{ID: i, Addrs: addrs, Listener: lns[i],
-				VMID: "vm-test", Secret: secrets[i], Logger: lg, ConnectTimeout: 20 * time.Second,
+				VMID: "vm-test", Secret: secrets[i], Logger: lg, ConnectTimeout: connect,
 				Heartbeat: 50 * time.Millisecond, PeerTimeout: 10 * time.Second})
 		}(i)
 	}
@@ -120,7 +127,9 @@ func TestMeshDeliversInOrder(t *testing.T) {
 	hs := make([]*recHandler, n)
 	for i, tr := range trs {
 		hs[i] = newRecHandler()
-		tr.Start(hs[i])
+		if err := tr.Start(hs[i]); err != nil {
+			t.Fatal(err)
+		}
 	}
 	for i, tr := range trs {
 		for j := 0; j < n; j++ {
@@ -159,7 +168,7 @@ func TestMeshDeliversInOrder(t *testing.T) {
 // a page message delivered or answered.
 func TestWrongSecretRefused(t *testing.T) {
 	lg := logs(2)
-	_, errs := mesh(t, 2, [][]byte{testSecret, []byte("wrong-secret-wrong-secret")}, lg)
+	_, errs := meshWithin(t, 2, [][]byte{testSecret, []byte("wrong-secret-wrong-secret")}, lg, 2*time.Second)
 	if errs[1] == nil || !errors.Is(errs[1], ErrAuth) {
 		t.Fatalf("slice 1 with the wrong secret: err %v, want ErrAuth", errs[1])
 	}
@@ -206,7 +215,9 @@ func TestWrongSecretRefused(t *testing.T) {
 	}
 	tr := <-trc
 	if tr != nil {
-		tr.Start(h)
+		if err := tr.Start(h); err != nil {
+			t.Fatal(err)
+		}
 		tr.Close()
 	}
 	if h.count() != 0 {
@@ -228,7 +239,9 @@ func TestPeerDeathDetected(t *testing.T) {
 	hs := make([]*recHandler, n)
 	for i, tr := range trs {
 		hs[i] = newRecHandler()
-		tr.Start(hs[i])
+		if err := tr.Start(hs[i]); err != nil {
+			t.Fatal(err)
+		}
 	}
 	trs[2].Close()
 	for i := 0; i < 2; i++ {

@@ -62,6 +62,8 @@ const (
 	MsgInterrupt   MsgType = 42 // -> the slice running a vCPU: an interrupt message for its local APIC
 	MsgEOI         MsgType = 43 // -> slice 0: a level-triggered vector was EOIed (IOAPIC remote IRR)
 	MsgAPICState   MsgType = 44 // -> every slice: a local APIC's ID/LDR/DFR changed
+	MsgClockReq    MsgType = 45 // slice -> slice 0: what time is it (guest TSC reference)?
+	MsgClockReply  MsgType = 46 // slice 0 -> slice: its monotonic clock and the guest TSC epoch
 )
 
 var typeNames = map[MsgType]string{
@@ -70,6 +72,7 @@ var typeNames = map[MsgType]string{
 	MsgFetch: "fetch", MsgFetchReply: "fetch-reply", MsgInvalidate: "invalidate", MsgInvAck: "inv-ack",
 	MsgGrant: "grant", MsgShutdown: "shutdown", MsgShutdownAck: "shutdown-ack",
 	MsgIOReq: "io-req", MsgIOReply: "io-reply", MsgInterrupt: "interrupt", MsgEOI: "eoi", MsgAPICState: "apic-state",
+	MsgClockReq: "clock-req", MsgClockReply: "clock-reply",
 }
 
 func (t MsgType) String() string {
@@ -132,6 +135,10 @@ type Msg struct {
 	// APICState of vCPU VCPU: APIC ID, logical ID (LDR[31:24]), DFR
 	// model (DFR[31:28]).
 	APICID, LDR, DFR uint8
+
+	// ClockReply: slice 0's CLOCK_MONOTONIC (ns) when it answered, and
+	// the instant on that clock at which the guest TSC is 0.
+	Clock, Epoch uint64
 
 	// Hello / Challenge / Proof.
 	From, To uint16
@@ -227,7 +234,10 @@ func AppendFrame(b []byte, m *Msg) ([]byte, error) {
 		}
 		b = binary.BigEndian.AppendUint16(b, m.VCPU)
 		b = append(b, m.APICID, m.LDR, m.DFR)
-	case m.Type == MsgWelcome || m.Type == MsgHeartbeat || m.Type == MsgShutdownAck:
+	case m.Type == MsgClockReply:
+		b = binary.BigEndian.AppendUint64(b, m.Clock)
+		b = binary.BigEndian.AppendUint64(b, m.Epoch)
+	case m.Type == MsgWelcome || m.Type == MsgHeartbeat || m.Type == MsgShutdownAck || m.Type == MsgClockReq:
 	default:
 		return nil, fmt.Errorf("dsm: cannot encode message type %v", m.Type)
 	}
@@ -425,7 +435,12 @@ func decodePayload(t MsgType, id uint64, p []byte) (Msg, error) {
 		if m.DFR > 0xF {
 			return Msg{}, protoErr("apic-state with DFR model %#x", m.DFR)
 		}
-	case t == MsgWelcome || t == MsgHeartbeat || t == MsgShutdownAck:
+	case t == MsgClockReply:
+		if len(p) != 16 {
+			return Msg{}, protoErr("clock-reply payload of %d bytes", len(p))
+		}
+		m.Clock, m.Epoch = binary.BigEndian.Uint64(p), binary.BigEndian.Uint64(p[8:])
+	case t == MsgWelcome || t == MsgHeartbeat || t == MsgShutdownAck || t == MsgClockReq:
 		if len(p) != 0 {
 			return Msg{}, protoErr("%v with %d payload bytes", t, len(p))
 		}

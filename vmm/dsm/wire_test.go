@@ -38,6 +38,8 @@ func sampleMsgs() []Msg {
 		{Type: MsgInterrupt, VCPU: 2, Vector: 0x31, Mode: 1, Level: true, Assert: true},
 		{Type: MsgEOI, Vector: 0x31},
 		{Type: MsgAPICState, VCPU: 3, APICID: 3, LDR: 0x08, DFR: 0xF},
+		{Type: MsgClockReq, ReqID: 14},
+		{Type: MsgClockReply, ReqID: 14, Clock: 123456789012, Epoch: 123000000000},
 		{Type: MsgShutdown, Text: "all slices done"},
 		{Type: MsgShutdownAck},
 	}

@@ -12,6 +12,7 @@ import (
 	"runtime"
 	"sync"
 	"sync/atomic"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -97,6 +98,8 @@ type FD struct {
 	efd      int // eventfd signalled by Close
 	features Features
 	closed   atomic.Bool
+	rmu      sync.Mutex // the event reader's buffer
+	rbuf     []byte
 }
 
 // Open creates a userfaultfd and negotiates the required features plus
@@ -310,10 +313,25 @@ func (u *FD) Wake(addr uintptr, n uint64) error {
 
 // ReadEvents blocks until at least one fault is pending and fills evs.
 // After Close it returns ErrClosed.
-func (u *FD) ReadEvents(evs []Event) (int, error) {
-	buf := make([]byte, len(evs)*msgSize)
+func (u *FD) ReadEvents(evs []Event) (int, error) { return u.ReadEventsSpin(evs, 0) }
+
+// ReadEventsSpin is ReadEvents that first polls without sleeping for up
+// to spin: a fault that comes within spin is then served without a
+// thread wake-up (at the price of a busy CPU meanwhile). Only one
+// goroutine may read events at a time.
+func (u *FD) ReadEventsSpin(evs []Event, spin time.Duration) (int, error) {
 	u.mu.RLock()
 	defer u.mu.RUnlock()
+	u.rmu.Lock()
+	defer u.rmu.Unlock()
+	if n := len(evs) * msgSize; cap(u.rbuf) < n {
+		u.rbuf = make([]byte, n)
+	}
+	buf := u.rbuf[:len(evs)*msgSize]
+	var until time.Time
+	if spin > 0 {
+		until = time.Now().Add(spin)
+	}
 	for {
 		if u.closed.Load() {
 			return 0, ErrClosed
@@ -325,9 +343,15 @@ func (u *FD) ReadEvents(evs []Event) (int, error) {
 		if !errors.Is(err, unix.EAGAIN) && !errors.Is(err, unix.EINTR) {
 			return 0, fmt.Errorf("uffd: read events: %w", err)
 		}
+		if spin > 0 && time.Now().Before(until) {
+			continue
+		}
 		fds := []unix.PollFd{{Fd: int32(u.fd), Events: unix.POLLIN}, {Fd: int32(u.efd), Events: unix.POLLIN}}
 		if _, err := unix.Poll(fds, -1); err != nil && !errors.Is(err, unix.EINTR) {
 			return 0, fmt.Errorf("uffd: poll: %w", err)
+		}
+		if spin > 0 {
+			until = time.Now().Add(spin)
 		}
 	}
 }

@@ -109,7 +109,7 @@ func StartVirt(ctx context.Context, o VirtOptions) (_ *VirtCluster, err error) {
 	}
 	munged := fmt.Sprintf("munged -F --force --key-file %s --socket %s --pid-file %s/munged.pid --log-file %s --seed-file %s/seed",
 		c.MungeKey(), c.MungeSocket, local, filepath.Join(c.Dir, "log", "munged-%s.log"), local)
-	if err := c.hostDaemon("munged", fmt.Sprintf(munged, "ctl")); err != nil {
+	if err := c.hostDaemon("munged", "exec "+fmt.Sprintf(munged, "ctl")); err != nil {
 		return nil, err
 	}
 	if err := waitFile(ctx, c.MungeSocket); err != nil {

@@ -49,8 +49,8 @@ spank-test: slurm-deps spank build
 	HPCVM_E2E_REQUIRE=1 HPCVM_BIN=$(BIN)/hpcvm $(GO) test -tags e2e -count=1 -v -timeout 20m -run 'TestSpank|TestLaunch' ./test/lab/
 
 e2e-slurm-vm: slurm-deps spank build node-assets image-debian12
-	HPCVM_E2E_REQUIRE=1 HPCVM_SLURM_VM_TEST=1 HPCVM_IMAGE_STORE=$(IMAGE_STORE) HPCVM_BIN=$(BIN)/hpcvm \
-		$(GO) test -tags e2e -count=1 -v -timeout 40m -run 'TestVirtLabDebian12Job' ./test/lab/
+	HPCVM_E2E_REQUIRE=1 HPCVM_IMAGE_STORE=$(IMAGE_STORE) HPCVM_BIN=$(BIN)/hpcvm \
+		$(GO) test -tags 'e2e slurmvm' -count=1 -v -timeout 40m -run 'TestVirtLabDebian12Job' ./test/lab/
 
 # demo-slurm: the README's main job on a fresh machine (everything it needs is
 # a prerequisite): a 2-node lab, sbatch -N 2 --vm-image=debian12

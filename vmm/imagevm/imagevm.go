@@ -145,8 +145,7 @@ func Start(ctx context.Context, cfg Config) (*VM, error) {
 	ready := make(chan error, 1)
 	go func() {
 		// The socket appears once the VMM created the vsock device.
-		_, err := v.Agent.WaitReady(wctx, 200*time.Millisecond)
-		ready <- err
+		ready <- waitAgent(wctx, v.Agent)
 	}()
 	select {
 	case err := <-ready:
@@ -159,6 +158,37 @@ func Start(ctx context.Context, cfg Config) (*VM, error) {
 	v.BootTime = time.Since(start)
 	ok = true
 	return v, nil
+}
+
+// agentPoll is how often Start pings the booting guest's agent and
+// agentPingTimeout bounds one ping. A ping fails at once while the agent
+// is not listening (the guest resets the connection; the VMM drops it if
+// the guest does not answer within its connect timeout), so a generous
+// bound costs nothing then; but an agent that is listening in a slow guest
+// (nested virtualization, a loaded host, systemd starting everything else
+// on the same vCPU) can take seconds to accept and answer, and cutting
+// each ping short (client.WaitReady's 2 s at a 200 ms interval) dropped
+// half-served connections and retried for many seconds.
+const (
+	agentPoll        = 200 * time.Millisecond
+	agentPingTimeout = time.Minute
+)
+
+// waitAgent pings until the agent answers or ctx ends.
+func waitAgent(ctx context.Context, cl *client.Client) error {
+	for {
+		pctx, cancel := context.WithTimeout(ctx, agentPingTimeout)
+		_, err := cl.Ping(pctx)
+		cancel()
+		if err == nil {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("agent not ready: %w (last error: %v)", ctx.Err(), err)
+		case <-time.After(agentPoll):
+		}
+	}
 }
 
 // Done is closed when the VM has stopped.

@@ -44,14 +44,20 @@ func verifyImage(ctx context.Context, st *images.Store, m *images.Manifest) erro
 			return nil
 		}
 	}
+	// Store.Verify returns an error as well as the results when an
+	// artifact differs: name the artifact rather than only counting.
 	res, err := st.Verify(ctx, m.Name)
-	if err != nil {
-		return err
-	}
 	for _, r := range res {
 		if !r.OK() {
-			return fmt.Errorf("image %s: %s does not match its manifest (%w); rebuild it with hpcvm image build", m.Name, r.Artifact.Name, images.ErrCorrupt)
+			why := ""
+			if r.Err != nil {
+				why = ": " + r.Err.Error()
+			}
+			return fmt.Errorf("image %s: %s does not match its manifest%s (%w); rebuild it with hpcvm image build", m.Name, r.Artifact.Name, why, images.ErrCorrupt)
 		}
+	}
+	if err != nil {
+		return err
 	}
 	if b, err := json.Marshal(stamp); err == nil && os.MkdirAll(filepath.Dir(path), 0o700) == nil {
 		tmp := path + ".tmp"

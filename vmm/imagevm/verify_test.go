@@ -58,8 +58,8 @@ func TestVerifyImageRefusesCorruption(t *testing.T) {
 		t.Fatal(err)
 	}
 	err = verifyImage(ctx, st, m)
-	if !errors.Is(err, images.ErrCorrupt) {
-		t.Fatalf("corrupted disk: err = %v, want ErrCorrupt", err)
+	if !errors.Is(err, images.ErrCorrupt) || !contains(err.Error(), "disk.raw does not match its manifest") {
+		t.Fatalf("corrupted disk: err = %v, want ErrCorrupt naming disk.raw", err)
 	}
 }
 

@@ -29,3 +29,6 @@ image-debian12: build agent image-deps
 image-test: agent image-deps
 	HPCVM_IMAGE_BUILD_TEST=1 HPCVM_AGENT=$(BIN)/hpcvm-agent HPCVM_IMAGE_TEST_STORE=$(HPCVM_CACHE)/images/test-store \
 		$(GO) test -count=1 -v -timeout 60m -run TestRealBuild ./images/
+
+# The virt-node tests and benchmark of `hpcvm run` (test/e2e/run_test.go, test/bench/run_bench_test.go) boot it.
+e2e bench: image-debian12

@@ -344,11 +344,12 @@ func retryBusy(f func() error) error {
 	}
 }
 
-// ReapStaleCgroups removes empty VMM cgroups ("hpcvm-<job>.<step>-<slice>")
-// of jobs that are no longer running: a slice killed with SIGKILL (Slurm's
-// KillWait expired) cannot remove its own. running reports whether a job
-// id is still running; errors count as running (keep the cgroup).
-func ReapStaleCgroups(ctx context.Context, running func(ctx context.Context, job string) (bool, error), log *slog.Logger) {
+// ReapStaleCgroups removes empty VMM cgroups of this cluster
+// ("hpcvm-<job>.<step>-<slice>-<cluster>", see Plan.CgroupName) whose jobs
+// are no longer running: a slice killed with SIGKILL (Slurm's KillWait
+// expired) cannot remove its own. running reports whether a job id is
+// still running; errors count as running (keep the cgroup).
+func ReapStaleCgroups(ctx context.Context, cluster string, running func(ctx context.Context, job string) (bool, error), log *slog.Logger) {
 	var dirs []string
 	filepath.WalkDir(v2Mount, func(p string, d fs.DirEntry, err error) error {
 		if err != nil || !d.IsDir() {
@@ -357,7 +358,7 @@ func ReapStaleCgroups(ctx context.Context, running func(ctx context.Context, job
 		if strings.Count(strings.TrimPrefix(p, v2Mount), "/") > 8 {
 			return fs.SkipDir
 		}
-		if strings.HasPrefix(d.Name(), "hpcvm-") {
+		if strings.HasPrefix(d.Name(), "hpcvm-") && (cluster == "" || strings.HasSuffix(d.Name(), "-"+cluster)) {
 			dirs = append(dirs, p)
 			return fs.SkipDir
 		}

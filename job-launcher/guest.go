@@ -58,7 +58,9 @@ func SliceEnv(environ []string) []string {
 	var out []string
 	for _, kv := range environ {
 		k, _, _ := strings.Cut(kv, "=")
-		if strings.HasPrefix(k, "_SLURM_SPANK_OPTION_hpcvm_") || strings.HasPrefix(k, "SPANK_") || k == "HPCVM_LAUNCH_INNER" {
+		// The options reach a step's environment as
+		// SLURM_SPANK__SLURM_SPANK_OPTION_hpcvm_<opt> (22.05).
+		if strings.Contains(k, "_SLURM_SPANK_OPTION_hpcvm_") || strings.HasPrefix(k, "SPANK_") || k == "HPCVM_LAUNCH_INNER" {
 			continue
 		}
 		out = append(out, kv)

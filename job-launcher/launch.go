@@ -116,7 +116,7 @@ func (l *Launcher) Run(ctx context.Context) int {
 		step = "batch"
 	}
 	plan := &Plan{
-		JobID: l.Env.JobID, StepID: step, Nodes: l.Env.Nodes,
+		JobID: l.Env.JobID, Cluster: l.Env.Cluster, StepID: step, Nodes: l.Env.Nodes,
 		RuntimeDir: filepath.Join(l.Opts.RuntimeDir, l.Env.JobID+"."+step),
 		VM:         Shape(eff, img, l.Opts.Console, l.Opts.DiskMode), Cgroup: Limits(eff), VMM: l.Opts.VMM,
 	}

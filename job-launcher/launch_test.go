@@ -313,14 +313,14 @@ func TestRequestWithoutSlurmMemory(t *testing.T) {
 }
 
 func TestPlanRoundTrip(t *testing.T) {
-	p := &Plan{JobID: "7", StepID: "0", Nodes: []string{"n1"}, RuntimeDir: "/run/hpcvm/7.0", VMM: []string{"/bin/hpcvm", "launch", "vmm"},
+	p := &Plan{JobID: "7", Cluster: "lab", StepID: "0", Nodes: []string{"n1"}, RuntimeDir: "/run/hpcvm/7.0", VMM: []string{"/bin/hpcvm", "launch", "vmm"},
 		VM: VMSpec{Kernel: "/k", CPUs: 2, MemBytes: 1 << 30, AgentPort: 1024, DiskMode: DiskModeShared}}
 	s, err := p.Encode()
 	if err != nil {
 		t.Fatal(err)
 	}
 	q, err := DecodePlan(s)
-	if err != nil || q.VM.CPUs != 2 || q.VsockPath() != "/run/hpcvm/7.0/vsock.sock" || q.CgroupName(0) != "hpcvm-7.0-0" {
+	if err != nil || q.VM.CPUs != 2 || q.VsockPath() != "/run/hpcvm/7.0/vsock.sock" || q.CgroupName(0) != "hpcvm-7.0-0-lab" {
 		t.Fatalf("DecodePlan = %+v, %v", q, err)
 	}
 	if _, err := DecodePlan(`{"job_id":"7","extra":1}`); err == nil {
@@ -344,7 +344,8 @@ func TestShapeSharedDiskMakesRootReadOnly(t *testing.T) {
 }
 
 func TestSliceEnvDropsPluginOptions(t *testing.T) {
-	got := SliceEnv([]string{"SLURM_JOB_ID=1", "_SLURM_SPANK_OPTION_hpcvm_vm_image=debian12", "SPANK_X=1", "HPCVM_LAUNCH_INNER=0", "A=b"})
+	got := SliceEnv([]string{"SLURM_JOB_ID=1", "_SLURM_SPANK_OPTION_hpcvm_vm_image=debian12",
+		"SLURM_SPANK__SLURM_SPANK_OPTION_hpcvm_vm_mem=1G", "SPANK_X=1", "HPCVM_LAUNCH_INNER=0", "A=b"})
 	if strings.Join(got, " ") != "SLURM_JOB_ID=1 A=b HPCVM_LAUNCH_INNER=1" {
 		t.Errorf("SliceEnv = %v", got)
 	}

@@ -13,9 +13,11 @@ import (
 // every slice (`hpcvm launch slice --plan JSON`); each slice finds its own
 // part by its index (SLURM_PROCID of the slice step).
 type Plan struct {
-	JobID  string   `json:"job_id"`
-	StepID string   `json:"step_id"`
-	Nodes  []string `json:"nodes"` // slice i runs on Nodes[i]
+	JobID string `json:"job_id"`
+	// Cluster is SLURM_CLUSTER_NAME: job ids are unique only per cluster.
+	Cluster string   `json:"cluster,omitempty"`
+	StepID  string   `json:"step_id"`
+	Nodes   []string `json:"nodes"` // slice i runs on Nodes[i]
 	// RuntimeDir is a node-local directory, the same path on every node:
 	// the vsock socket (slice 0), the console log, the disk copy.
 	RuntimeDir string `json:"runtime_dir"`
@@ -66,9 +68,14 @@ const (
 // DiskCopy is the private copy of the image's disk the VM boots.
 func (p *Plan) DiskCopy() string { return filepath.Join(p.RuntimeDir, "disk.raw") }
 
-// CgroupName is slice i's cgroup name, unique per job step and node.
+// CgroupName is slice i's cgroup name, unique per cluster, job step and
+// node: hpcvm-<job>.<step>-<slice>[-<cluster>].
 func (p *Plan) CgroupName(i int) string {
-	return fmt.Sprintf("hpcvm-%s.%s-%d", p.JobID, p.StepID, i)
+	n := fmt.Sprintf("hpcvm-%s.%s-%d", p.JobID, p.StepID, i)
+	if p.Cluster != "" {
+		n += "-" + p.Cluster
+	}
+	return n
 }
 
 // Encode is the plan as one command-line argument.

@@ -36,6 +36,7 @@ type SlurmEnv struct {
 	QOS           string
 	SubmitDir     string
 	NodeName      string // SLURMD_NODENAME: this node
+	Cluster       string // SLURM_CLUSTER_NAME
 }
 
 // TotalCPUs is the number of CPUs allocated over all nodes.
@@ -59,7 +60,7 @@ func ParseEnv(environ []string) (*SlurmEnv, error) {
 	e := &SlurmEnv{
 		JobID: m["SLURM_JOB_ID"], StepID: m["SLURM_STEP_ID"], User: m["SLURM_JOB_USER"],
 		Partition: m["SLURM_JOB_PARTITION"], Account: m["SLURM_JOB_ACCOUNT"], QOS: m["SLURM_JOB_QOS"],
-		SubmitDir: m["SLURM_SUBMIT_DIR"], NodeName: m["SLURMD_NODENAME"],
+		SubmitDir: m["SLURM_SUBMIT_DIR"], NodeName: m["SLURMD_NODENAME"], Cluster: m["SLURM_CLUSTER_NAME"],
 	}
 	if e.JobID == "" {
 		e.JobID = m["SLURM_JOBID"]

@@ -3,6 +3,7 @@
  * admit.c (sbatch/salloc/srun at submission), task.c (slurmstepd, in the task
  * child). The exported symbols are limited by hpcvm_spank.map.
  */
+#include <stdlib.h>
 #include <string.h>
 
 #include "hpcvm_spank.h"
@@ -46,6 +47,10 @@ int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
 		return 0; /* not an hpcvm job: untouched */
 	switch (spank_context()) {
 	case S_CTX_LOCAL:
+		/* The launcher's own srun of the VMM slices: not a VM job. */
+		if (getenv("HPCVM_LAUNCH_INNER") != NULL)
+			return 0;
+		return hpcvm_admit(sp, &state);
 	case S_CTX_ALLOCATOR:
 		return hpcvm_admit(sp, &state);
 	default:

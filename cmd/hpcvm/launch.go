@@ -193,7 +193,7 @@ func launchSlice(args []string) int {
 			}
 		}
 	}()
-	launcher.ReapStaleCgroups(context.Background(), launcher.SqueueRunning, log)
+	launcher.ReapStaleCgroups(context.Background(), plan.Cluster, launcher.SqueueRunning, log)
 	if err := launcher.RunSlice(ctx, plan, *index, log); err != nil {
 		fmt.Fprintf(os.Stderr, "hpcvm launch slice: %v\n", err)
 		return 1

@@ -59,7 +59,8 @@ func startLaunchLab(t *testing.T) *launchLab {
 			}
 			// Job ids restart at 1 in every lab: VMM cgroups left by an
 			// earlier run (a killed test) must not be mistaken for this one's.
-			removeEmptyVMMCgroups()
+			labDir := filepath.Join(root, "lab")
+			removeEmptyVMMCgroups((&Config{Dir: labDir}).ClusterName())
 			c, err := StartHost(ctx, HostOptions{Nodes: 2, CPUs: 2, MemMiB: 1000, Dir: filepath.Join(root, "lab"), SpankSO: SpankSO(),
 				Plugstack: []string{"hpcvm=" + HpcvmBin(), "policy_dir=" + root + "/policy", "image_store=" + store,
 					"runtime_dir=" + root + "/run", "vmm=" + fake}})
@@ -110,15 +111,15 @@ func (l *launchLab) vmProcs(i int) []string {
 	return out
 }
 
-// vmmCgroups lists the VMM cgroups of job id on this machine (the host
-// lab's nodes share its cgroup tree).
-func vmmCgroups(id string) []string {
+// vmmCgroups lists the VMM cgroups of job id of this lab on this machine
+// (the host lab's nodes share its cgroup tree).
+func (l *launchLab) vmmCgroups(id string) []string {
 	var out []string
 	filepath.WalkDir("/sys/fs/cgroup", func(p string, d fs.DirEntry, err error) error {
 		if err != nil || !d.IsDir() {
 			return nil
 		}
-		if strings.HasPrefix(d.Name(), "hpcvm-"+id+".") {
+		if strings.HasPrefix(d.Name(), "hpcvm-"+id+".") && strings.HasSuffix(d.Name(), "-"+l.ClusterName()) {
 			out = append(out, p)
 			return fs.SkipDir
 		}
@@ -127,10 +128,10 @@ func vmmCgroups(id string) []string {
 	return out
 }
 
-func removeEmptyVMMCgroups() {
+func removeEmptyVMMCgroups(cluster string) {
 	var dirs []string
 	filepath.WalkDir("/sys/fs/cgroup", func(p string, d fs.DirEntry, err error) error {
-		if err == nil && d.IsDir() && strings.HasPrefix(d.Name(), "hpcvm-") {
+		if err == nil && d.IsDir() && strings.HasPrefix(d.Name(), "hpcvm-") && strings.HasSuffix(d.Name(), "-"+cluster) {
 			dirs = append(dirs, p)
 		}
 		return nil
@@ -149,7 +150,7 @@ func (l *launchLab) waitNoVMProcs(t *testing.T, ctx context.Context, id string) 
 		for i := range l.Nodes {
 			left = append(left, l.vmProcs(i)...)
 		}
-		left = append(left, vmmCgroups(id)...)
+		left = append(left, l.vmmCgroups(id)...)
 		if len(left) == 0 {
 			return
 		}
@@ -228,7 +229,7 @@ exit $1
 			if !strings.HasSuffix(m[3], "/"+id+".batch/disk.raw") {
 				t.Errorf("the VM did not boot a private disk copy: %s", m[3])
 			}
-			if !strings.Contains(m[4], "hpcvm-"+id+".batch-0") || m[5] != fmt.Sprint(1000<<20) {
+			if !strings.Contains(m[4], "hpcvm-"+id+".batch-0-"+l.ClusterName()) || m[5] != fmt.Sprint(1000<<20) {
 				t.Errorf("VMM cgroup %s with memory limit %s, want hpcvm-%s.batch-0 limited to %d", m[4], m[5], id, 1000<<20)
 			}
 			l.waitNoVMProcs(t, ctx, id)

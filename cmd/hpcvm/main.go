@@ -3,7 +3,10 @@
 package main
 
 import (
+	"errors"
+	"flag"
 	"fmt"
+	"io"
 	"os"
 	"sort"
 	"strings"
@@ -51,6 +54,23 @@ func main() {
 		os.Exit(2)
 	}
 	os.Exit(c.run(os.Args[2:]))
+}
+
+// parseFlags parses args quietly: a bad flag gets a one-line error naming
+// the command, --help the full usage. It returns the exit status to use and
+// false when the command must not go on.
+func parseFlags(fs *flag.FlagSet, args []string) (int, bool) {
+	fs.SetOutput(io.Discard)
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			fs.SetOutput(os.Stderr)
+			fs.Usage()
+			return 0, false
+		}
+		fmt.Fprintf(os.Stderr, "%s: %v (see %s --help)\n", fs.Name(), err, fs.Name())
+		return 2, false
+	}
+	return 0, true
 }
 
 func keys() []string {

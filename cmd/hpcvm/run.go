@@ -2,10 +2,8 @@ package main
 
 import (
 	"context"
-	"errors"
 	"flag"
 	"fmt"
-	"io"
 	"log/slog"
 	"os"
 	"os/signal"
@@ -58,15 +56,8 @@ func runMain(args []string) int {
 			"stderr, forwards signals, and exits with CMD's status (128+N when killed by signal N).\n\noptions:\n")
 		fs.PrintDefaults()
 	}
-	fs.SetOutput(io.Discard)
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			fs.SetOutput(os.Stderr)
-			fs.Usage()
-			return 0
-		}
-		fmt.Fprintf(os.Stderr, "hpcvm run: %v (see hpcvm run --help)\n", err)
-		return 2
+	if code, ok := parseFlags(fs, args); !ok {
+		return code
 	}
 	argv := fs.Args()
 	if len(argv) == 0 {

@@ -82,16 +82,8 @@ func vmRun(args []string) int {
 			"SIGINT/SIGTERM stop the guest (exit 130/143).\n\noptions:\n")
 		fs.PrintDefaults()
 	}
-	// Parse quietly: a bad flag gets a one-line error, --help the full usage.
-	fs.SetOutput(io.Discard)
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			fs.SetOutput(os.Stderr)
-			fs.Usage()
-			return 0
-		}
-		fmt.Fprintf(os.Stderr, "hpcvm vm run: %v (see hpcvm vm run --help)\n", err)
-		return 2
+	if code, ok := parseFlags(fs, args); !ok {
+		return code
 	}
 	if fs.NArg() > 0 {
 		return fail("unexpected argument %q", fs.Arg(0))

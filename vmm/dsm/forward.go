@@ -40,6 +40,17 @@ func (h *sliceHooks) HandleExit(c *kvm.VCPU, e *kvm.Exit) (bool, error) {
 	s := h.s
 	switch e.Reason {
 	case kvm.ExitIO:
+		if e.IOWrite && e.Port == s.cfg.DonePort {
+			// The vCPU has finished: perform the write, then park it
+			// (a finished micro-guest spins, which costs a host CPU).
+			if s.id == 0 {
+				s.machine().IO.Write(uint64(e.Port), e.IOData[:e.IOSize])
+			} else if err := s.forward(c, SpacePort, uint64(e.Port), true, e.IOSize, e.IOData[:e.IOSize]); err != nil {
+				return true, err
+			}
+			s.machine().Idle(nil)
+			return true, nil
+		}
 		if s.id == 0 || e.IOSize == 0 || len(e.IOData) == 0 {
 			return false, nil
 		}

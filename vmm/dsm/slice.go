@@ -28,8 +28,9 @@ type SliceConfig struct {
 	// Loader writes the boot image (on slice 0 only, before guest memory
 	// is registered) and sets up the vCPUs (on every slice).
 	Loader machine.Loader
-	// DonePort: each vCPU writes it once when finished. When every vCPU
-	// has, slice 0 calls Finish and stops the VM on all slices.
+	// DonePort: each vCPU writes it once when finished (its thread is
+	// then parked). When every vCPU has, slice 0 calls Finish and stops
+	// the VM on all slices.
 	DonePort uint16
 	// Setup runs on slice 0 only and attaches the VM's devices: they all
 	// live on slice 0 (the home), and the other slices forward their

@@ -37,6 +37,7 @@ func TestVirtLabDebian12Job(t *testing.T) {
 	o, _ := os.ReadFile(out)
 	e, _ := os.ReadFile(errf)
 	if j.State != "FAILED" || j.ExitCode != "3:0" {
+		t.Logf("guest console, last lines:\n%s", tail(filepath.Join(work, "console.log"), 40))
 		t.Errorf("job %s: %s ExitCode=%s, want FAILED 3:0\nstdout:\n%s\nstderr:\n%s", id, j.State, j.ExitCode, o, e)
 	}
 	if want := fmt.Sprintf("PRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"\ncpus=4 job=%s\n", id); string(o) != want {

@@ -13,7 +13,6 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -118,7 +117,7 @@ func Open(required, optional Features) (*FD, error) {
 		return nil, err
 	}
 	api := uffdioAPI{API: apiVersion, Features: uint64(want)}
-	if err := u.ioctl(ioctlAPI, unsafe.Pointer(&api)); err != nil {
+	if err := ioctlOn(u, ioctlAPI, &api); err != nil {
 		u.Close()
 		return nil, fmt.Errorf("uffd: UFFDIO_API with features %#x: %w", uint64(want), err)
 	}
@@ -134,7 +133,7 @@ func probe() (Features, error) {
 	}
 	defer u.Close()
 	api := uffdioAPI{API: apiVersion}
-	if err := u.ioctl(ioctlAPI, unsafe.Pointer(&api)); err != nil {
+	if err := ioctlOn(u, ioctlAPI, &api); err != nil {
 		return 0, fmt.Errorf("uffd: UFFDIO_API probe: %w", err)
 	}
 	return Features(api.Features), nil
@@ -188,21 +187,10 @@ func (u *FD) Close() error {
 	return unix.Close(u.fd)
 }
 
-func (u *FD) ioctl(op uintptr, arg unsafe.Pointer) error {
-	u.mu.RLock()
-	defer u.mu.RUnlock()
-	if u.closed.Load() {
-		return ErrClosed
-	}
-	err := ioctlPtr(uintptr(u.fd), op, arg)
-	runtime.KeepAlive(arg)
-	return err
-}
-
 // Register arms [addr, addr+n) (page-aligned) for the given fault modes.
 func (u *FD) Register(addr uintptr, n uint64, mode RegisterMode) error {
 	r := uffdioRegister{Range: uffdioRange{Start: uint64(addr), Len: n}, Mode: uint64(mode)}
-	if err := u.ioctl(ioctlRegister, unsafe.Pointer(&r)); err != nil {
+	if err := ioctlOn(u, ioctlRegister, &r); err != nil {
 		return fmt.Errorf("uffd: UFFDIO_REGISTER %#x+%#x mode %#x: %w", addr, n, uint64(mode), err)
 	}
 	return nil
@@ -211,7 +199,7 @@ func (u *FD) Register(addr uintptr, n uint64, mode RegisterMode) error {
 // Unregister disarms [addr, addr+n).
 func (u *FD) Unregister(addr uintptr, n uint64) error {
 	r := uffdioRange{Start: uint64(addr), Len: n}
-	if err := u.ioctl(ioctlUnregister, unsafe.Pointer(&r)); err != nil {
+	if err := ioctlOn(u, ioctlUnregister, &r); err != nil {
 		return fmt.Errorf("uffd: UFFDIO_UNREGISTER %#x+%#x: %w", addr, n, err)
 	}
 	return nil
@@ -230,7 +218,7 @@ func (u *FD) Copy(dst uintptr, src []byte, wp, dontWake bool) error {
 		c.Mode |= 1 << 1
 	}
 	for {
-		err := u.ioctl(ioctlCopy, unsafe.Pointer(&c))
+		err := ioctlOn(u, ioctlCopy, &c)
 		runtime.KeepAlive(src)
 		switch {
 		case err == nil:
@@ -259,7 +247,7 @@ func (u *FD) ZeroPage(dst uintptr, n uint64, dontWake bool) error {
 		z.Mode = 1
 	}
 	for {
-		err := u.ioctl(ioctlZeropage, unsafe.Pointer(&z))
+		err := ioctlOn(u, ioctlZeropage, &z)
 		switch {
 		case err == nil:
 			return nil
@@ -290,7 +278,7 @@ func (u *FD) WriteProtect(addr uintptr, n uint64, protect, dontWake bool) error 
 		w.Mode |= 1 << 1
 	}
 	for {
-		err := u.ioctl(ioctlWriteprotect, unsafe.Pointer(&w))
+		err := ioctlOn(u, ioctlWriteprotect, &w)
 		switch {
 		case err == nil:
 			return nil
@@ -305,7 +293,7 @@ func (u *FD) WriteProtect(addr uintptr, n uint64, protect, dontWake bool) error 
 // was resolved some other way); they retry the access.
 func (u *FD) Wake(addr uintptr, n uint64) error {
 	r := uffdioRange{Start: uint64(addr), Len: n}
-	if err := u.ioctl(ioctlWake, unsafe.Pointer(&r)); err != nil {
+	if err := ioctlOn(u, ioctlWake, &r); err != nil {
 		return fmt.Errorf("uffd: UFFDIO_WAKE %#x+%#x: %w", addr, n, err)
 	}
 	return nil

@@ -1,6 +1,7 @@
 package uffd
 
 import (
+	"runtime"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -108,4 +109,17 @@ func decodeMsgs(buf []byte, out []Event) int {
 		n++
 	}
 	return n
+}
+
+// ioctlOn runs a userfaultfd ioctl whose argument is *arg, unless the FD
+// is closed.
+func ioctlOn[T any](u *FD, op uintptr, arg *T) error {
+	u.mu.RLock()
+	defer u.mu.RUnlock()
+	if u.closed.Load() {
+		return ErrClosed
+	}
+	err := ioctlPtr(uintptr(u.fd), op, unsafe.Pointer(arg))
+	runtime.KeepAlive(arg)
+	return err
 }

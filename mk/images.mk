@@ -32,10 +32,11 @@ image-test: agent image-deps
 
 # The virt-node tests and benchmark of `hpcvm run` (test/e2e/run_test.go, test/bench/run_bench_test.go) boot it.
 # They are not yet part of `make e2e` (and so of `make test`): they have not
-# passed in a complete CI run yet. Run them with `make e2e-images`.
+# passed in a complete CI run yet. Run them with `make e2e-images` (the tiny
+# image of TestRun uses the minimal guest kernel and test initramfs).
 bench: image-debian12
 
 .PHONY: e2e-images
-e2e-images: build node-assets image-debian12
+e2e-images: build node-assets guest-kernel guest-initramfs image-debian12
 	HPCVM_E2E_REQUIRE=1 HPCVM_BIN=$(BIN)/hpcvm HPCVM_IMAGE_STORE=$(IMAGE_STORE) $(GO) test -tags e2e,e2eimages -count=1 -p 1 -v \
 		-timeout 60m -run 'TestRun' ./test/e2e/

@@ -431,7 +431,7 @@ func (d *countDev) Write(uint64, []byte) {
 	last := d.n == 0
 	d.mu.Unlock()
 	if last {
-		go d.stop()
+		d.stop() // on the vCPU thread, so it is done before Run returns
 	}
 }
 

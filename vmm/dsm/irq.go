@@ -87,9 +87,7 @@ func (q *irqState) notify(v *vcpuIRQ) {
 	case v.wake <- struct{}{}:
 	default:
 	}
-	if m := q.s.machine(); m != nil {
-		m.Kick(v.id)
-	}
+	q.s.kick(v.id)
 }
 
 // deliver routes an interrupt message to its target vCPUs, wherever they run.

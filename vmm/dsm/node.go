@@ -136,6 +136,19 @@ var _ memory.Guest = (*Node)(nil)
 // (slice 0 owns every page; the pages its loader populated are mapped) and
 // starts serving faults and messages.
 func NewNode(cfg NodeConfig) (*Node, error) {
+	nd, err := newNode(cfg)
+	if err != nil {
+		return nil, err
+	}
+	if err := nd.start(); err != nil {
+		return nil, err
+	}
+	return nd, nil
+}
+
+// newNode is NewNode without starting: the caller can publish the node
+// (handlers it configured may use it) before any message arrives.
+func newNode(cfg NodeConfig) (*Node, error) {
 	tr := cfg.Transport
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
@@ -188,13 +201,18 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 			return nil, err
 		}
 	}
-	if err := tr.Start(nd); err != nil {
-		u.Close()
-		return nil, err
+	return nd, nil
+}
+
+// start begins serving messages and faults.
+func (nd *Node) start() error {
+	if err := nd.tr.Start(nd); err != nil {
+		nd.u.Close()
+		return err
 	}
 	nd.wg.Add(1)
 	go nd.faultLoop()
-	return nd, nil
+	return nil
 }
 
 // Err returns the error the node failed with, if any.

@@ -207,10 +207,12 @@ func TestSliceKilledStopsOthers(t *testing.T) {
 	kids := startSlices(t, 3, 3, "pingpong", 1<<30)
 	// Let the guest get going (pages moving between all three).
 	time.Sleep(2 * time.Second)
-	select {
-	case <-kids[2].done:
-		t.Fatalf("slice 2 exited early: %s", kids[2].stderr.String())
-	default:
+	for i, k := range kids {
+		select {
+		case <-k.done:
+			t.Fatalf("slice %d exited early: %v\nstdout: %s\nstderr: %s", i, k.err, k.stdout.String(), k.stderr.String())
+		default:
+		}
 	}
 	killed := time.Now()
 	if err := kids[2].cmd.Process.Signal(syscall.SIGKILL); err != nil {

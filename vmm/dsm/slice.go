@@ -95,6 +95,11 @@ type sliceRun struct {
 	epoch int64      // slice 0: the guest TSC epoch (its monotonic clock)
 	clock guestClock // set before the machine runs
 
+	// mmu is held (read) while another goroutine kicks or stops the
+	// machine; retireMachine takes it before the machine is closed.
+	mmu     sync.RWMutex
+	mclosed bool
+
 	mu       sync.Mutex
 	m        *machine.Machine
 	ready    chan struct{} // closed once m is set (or the slice gives up)
@@ -111,8 +116,31 @@ func (s *sliceRun) stopVM(kind machine.ExitKind, reason string, err error) {
 	}
 	s.mu.Unlock()
 	if m != nil {
-		m.Stop(kind, reason, err)
+		s.mmu.RLock()
+		if !s.mclosed {
+			m.Stop(kind, reason, err)
+		}
+		s.mmu.RUnlock()
 	}
+}
+
+// kick forces vCPU id out of the guest (from any goroutine), unless the
+// machine does not exist yet or is being closed.
+func (s *sliceRun) kick(id int) {
+	s.mmu.RLock()
+	if m := s.mp.Load(); m != nil && !s.mclosed {
+		m.Kick(id)
+	}
+	s.mmu.RUnlock()
+}
+
+// retireMachine waits for kicks and stops in progress on other goroutines
+// (network readers, timers) and makes later ones no-ops, so the machine
+// can be closed (its vCPUs' run pages unmapped).
+func (s *sliceRun) retireMachine() {
+	s.mmu.Lock()
+	s.mclosed = true
+	s.mmu.Unlock()
 }
 
 // RunSlice runs one slice until the VM stops everywhere (every vCPU done,
@@ -153,9 +181,13 @@ func RunSlice(ctx context.Context, cfg SliceConfig) (SliceResult, error) {
 		return SliceResult{}, err
 	}
 	defer s.tr.Close()
-	s.node, err = NewNode(NodeConfig{RAM: ram, Transport: s.tr, Logger: cfg.Logger, Control: s.control,
+	// s.node is set before the node starts: the control handlers use it.
+	s.node, err = newNode(NodeConfig{RAM: ram, Transport: s.tr, Logger: cfg.Logger, Control: s.control,
 		OnFail: func(err error) { s.stopVM(machine.ExitError, err.Error(), err) }})
 	if err != nil {
+		return SliceResult{}, err
+	}
+	if err := s.node.start(); err != nil {
 		return SliceResult{}, err
 	}
 	defer s.node.Close()
@@ -170,6 +202,7 @@ func RunSlice(ctx context.Context, cfg SliceConfig) (SliceResult, error) {
 		return SliceResult{}, err
 	}
 	defer m.Close()
+	defer s.retireMachine() // before m.Close
 	if err := m.VM().TrapMSRs(msrTSCDeadline); err != nil {
 		s.log.Warn("dsm: no TSC-deadline timer (IA32_TSC_DEADLINE cannot be trapped)", "err", err)
 	}

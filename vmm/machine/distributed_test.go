@@ -57,7 +57,7 @@ type doneCounter struct {
 func (d *doneCounter) Read(uint64, []byte) {}
 func (d *doneCounter) Write(uint64, []byte) {
 	if d.n.Add(1) == d.total {
-		go d.m.Stop(machine.ExitPoweroff, "done", nil)
+		d.m.Stop(machine.ExitPoweroff, "done", nil) // on the vCPU thread: done before Run returns
 	}
 }
 

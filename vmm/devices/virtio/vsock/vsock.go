@@ -602,7 +602,8 @@ func (d *Device) hostConnect(hc *handshake) {
 	c.timer = time.AfterFunc(d.cfg.ConnectTimeout, func() {
 		d.post(func() {
 			if d.conns[k] == c && c.state == stateConnecting {
-				d.log.Warn("vsock: guest did not accept the connection in time", "guest_port", k.peer, "timeout", d.cfg.ConnectTimeout)
+				// Common while a guest boots and clients poll for its agent: debug.
+				d.log.Debug("vsock: guest did not accept the connection in time", "guest_port", k.peer, "timeout", d.cfg.ConnectTimeout)
 				d.reset(c)
 			}
 		})

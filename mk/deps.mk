@@ -17,7 +17,8 @@ $(DEPS_STAMP):
 	$(GO) mod download
 	@mkdir -p $(dir $@) && touch $@
 
-# demo: the README's main job (see test/demo).
-.PHONY: demo
-demo: deps build node-assets guest-kernel guest-initramfs
+# demo-vm: the VM-only demo (see test/demo): one virt node boots a Linux guest
+# with `hpcvm vm run`. `make demo`, the README's main job, is in mk/slurm.mk.
+.PHONY: demo-vm
+demo-vm: deps build node-assets guest-kernel guest-initramfs
 	$(GO) run ./test/demo --hpcvm $(BIN)/hpcvm

@@ -5,7 +5,7 @@
 #   make lab-up / lab-status / lab-down   a Slurm cluster of virt nodes (hpcvm lab)
 #   make e2e-slurm-vm  the real-guest Slurm job test (opt-in: minutes under TCG)
 #   make bench-slurm   submit-to-first-output latency -> docs/benchmarks.md
-#   make demo-slurm   the README's main job: sbatch -N 2 --vm-image=debian12 examples/hello.sbatch
+#   make demo         the README's main job: sbatch -N 2 --vm-image=debian12 examples/hello.sbatch
 SLURM_APT := slurmctld slurmd slurm-client munge libslurm-dev
 SPANK_SO := $(BIN)/hpcvm_spank.so
 SPANK_SRC := $(wildcard slurm-spank/*.c)
@@ -13,7 +13,7 @@ SPANK_HDR := $(wildcard slurm-spank/*.h)
 SPANK_CFLAGS ?= -O2 -g -Wall -Wextra -Werror -std=gnu11 -D_GNU_SOURCE
 LAB_DIR ?= $(HPCVM_CACHE)/lab
 
-.PHONY: slurm-deps spank spank-test e2e-slurm-vm lab-up lab-status lab-down demo-slurm bench-slurm
+.PHONY: slurm-deps spank spank-test e2e-slurm-vm lab-up lab-status lab-down demo bench-slurm
 
 slurm-deps:
 	@missing=""; for p in $(SLURM_APT); do \
@@ -52,10 +52,11 @@ e2e-slurm-vm: slurm-deps spank build node-assets image-debian12
 	HPCVM_E2E_REQUIRE=1 HPCVM_IMAGE_STORE=$(IMAGE_STORE) HPCVM_BIN=$(BIN)/hpcvm \
 		$(GO) test -tags 'e2e slurmvm' -count=1 -v -timeout 40m -run 'TestVirtLabDebian12Job' ./test/lab/
 
-# demo-slurm: the README's main job on a fresh machine (everything it needs is
-# a prerequisite): a 2-node lab, sbatch -N 2 --vm-image=debian12
-# examples/hello.sbatch, its output and Slurm's record, teardown.
-demo-slurm: deps slurm-deps build spank node-assets image-debian12
+# demo: the README's main job on a fresh machine (everything it needs is a
+# prerequisite; see test/lab/demo): a 2-node lab, sbatch -N 2
+# --vm-image=debian12 examples/hello.sbatch, the job's output, scontrol show
+# job / sacct / the jobcomp record, teardown. The VM-only demo is demo-vm.
+demo: deps build spank node-assets image-debian12
 	HPCVM_IMAGE_STORE=$(IMAGE_STORE) $(GO) run ./test/lab/demo --image-store $(IMAGE_STORE)
 
 # Submit-to-first-output latency with and without --vm-image in the same

@@ -1,10 +1,10 @@
-// Command demo is `make demo`: it starts one virt node (a QEMU TCG machine
-// with nested SVM, docs/testing.md), boots a Linux guest inside it with
-// `hpcvm vm run`, prints the guest's console and the VMM's exit status, and
-// tears the node down.
+// Command demo is `make demo-vm`, the VM-only demo: it starts one virt
+// node (a QEMU TCG machine with nested SVM, docs/testing.md), boots a Linux
+// guest inside it with `hpcvm vm run`, prints the guest's console and the
+// VMM's exit status, and tears the node down.
 //
-// Until the Slurm integration lands this is hpcvm's main job; then `make
-// demo` will run `sbatch --vm-image` on a lab cluster instead.
+// hpcvm's main job, `make demo`, runs `sbatch --vm-image` on a Slurm lab
+// of virt nodes instead (test/lab/demo).
 package main
 
 import (

@@ -1,11 +1,13 @@
-// Command demo is hpcvm's main job (`make demo-slurm`): it brings up a
-// real Slurm 22.05 cluster of two virt nodes with the hpcvm plugin (see
-// test/lab), submits
+// Command demo is hpcvm's main job, `make demo`: it brings up a real Slurm
+// 22.05 cluster of two virt nodes with the hpcvm plugin (see test/lab),
+// submits
 //
 //	sbatch -N 2 --vm-image=debian12 examples/hello.sbatch
 //
 // prints the job's output (the guest's /etc/os-release, kernel, CPU count
-// and memory) and Slurm's record of the job, and tears everything down.
+// and memory) and Slurm's record of the job (scontrol show job, sacct, the
+// jobcomp log), and tears everything down. Everything it prints comes from
+// the real job. (`make demo-vm` is the VM-only demo: test/demo.)
 package main
 
 import (
@@ -23,67 +25,95 @@ import (
 	"github.com/hpcvm/hpcvm/test/virtnode"
 )
 
-func main() {
-	nodes := flag.Int("nodes", 2, "virt nodes (and sbatch -N)")
-	image := flag.String("image", "debian12", "--vm-image")
-	store := flag.String("image-store", envOr("HPCVM_IMAGE_STORE", "/var/lib/hpcvm/images"), "image store")
-	script := flag.String("script", filepath.Join(lab.RepoRoot(), "examples", "hello.sbatch"), "job script")
-	timeout := flag.Duration("timeout", 30*time.Minute, "give up after this long")
-	flag.Parse()
+type options struct {
+	nodes   int
+	image   string
+	store   string
+	script  string
+	timeout time.Duration
+}
 
-	if err := lab.VirtPrerequisites(); err != nil {
-		fatal(fmt.Errorf("%v (make demo-slurm installs and builds what is needed)", err))
+func main() {
+	var o options
+	flag.IntVar(&o.nodes, "nodes", 2, "virt nodes (and sbatch -N)")
+	flag.StringVar(&o.image, "image", "debian12", "--vm-image")
+	flag.StringVar(&o.store, "image-store", envOr("HPCVM_IMAGE_STORE", "/var/lib/hpcvm/images"), "image store")
+	flag.StringVar(&o.script, "script", filepath.Join(lab.RepoRoot(), "examples", "hello.sbatch"), "job script")
+	flag.DurationVar(&o.timeout, "timeout", 30*time.Minute, "give up after this long")
+	flag.Parse()
+	if err := run(o); err != nil {
+		fmt.Fprintf(os.Stderr, "demo: %v\n", err)
+		os.Exit(1)
 	}
-	for _, f := range []string{lab.HpcvmBin(), lab.SpankSO(), filepath.Join(*store, *image, "manifest.json")} {
+}
+
+func say(f string, a ...any) { fmt.Printf("demo: "+f+"\n", a...) }
+
+// run returns instead of exiting so that the cluster and the lab directory
+// are always torn down.
+func run(o options) (err error) {
+	if err := lab.VirtPrerequisites(); err != nil {
+		return fmt.Errorf("%v (make demo installs and builds what is needed)", err)
+	}
+	for _, f := range []string{lab.HpcvmBin(), lab.SpankSO(), filepath.Join(o.store, o.image, "manifest.json")} {
 		if _, err := os.Stat(f); err != nil {
-			fatal(fmt.Errorf("%v (make build spank image-debian12)", err))
+			return fmt.Errorf("%v (make build spank image-%s)", err, o.image)
 		}
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	ctx, cancel := context.WithTimeout(ctx, *timeout)
+	ctx, cancel := context.WithTimeout(ctx, o.timeout)
 	defer cancel()
 
 	if err := os.MkdirAll(virtnode.CacheDir(), 0o755); err != nil {
-		fatal(err)
+		return err
 	}
 	dir, err := os.MkdirTemp(virtnode.CacheDir(), "demo-lab-")
 	if err != nil {
-		fatal(err)
+		return err
 	}
-	defer os.RemoveAll(dir)
+	defer func() {
+		if err == nil {
+			os.RemoveAll(dir)
+			return
+		}
+		os.RemoveAll(filepath.Join(dir, "vn")) // the nodes' disks; keep the config, logs and job files
+		say("kept %s for a look (Slurm logs in log/, job files in work/)", dir)
+	}()
 	policy := filepath.Join(dir, "policy")
 	if err := lab.WritePolicy(policy); err != nil {
-		fatal(err)
+		return err
 	}
-	say := func(f string, a ...any) { fmt.Printf("demo: "+f+"\n", a...) }
 	start := time.Now()
-	say("bringing up a Slurm 22.05 cluster of %d virt nodes (QEMU TCG with KVM inside; slurmd + the hpcvm plugin in each)...", *nodes)
-	c, err := lab.StartVirt(ctx, lab.VirtOptions{Nodes: *nodes, Dir: dir, Hpcvm: lab.HpcvmBin(), SpankSO: lab.SpankSO(),
-		PolicyDir: policy, ImageStore: *store, Logf: say})
+	say("bringing up a Slurm 22.05 cluster of %d virt nodes (QEMU TCG with KVM inside; slurmd + the hpcvm plugin in each)...", o.nodes)
+	c, err := lab.StartVirt(ctx, lab.VirtOptions{Nodes: o.nodes, Dir: dir, Hpcvm: lab.HpcvmBin(), SpankSO: lab.SpankSO(),
+		PolicyDir: policy, ImageStore: o.store, Logf: say})
 	if err != nil {
-		fatal(err)
+		return err
 	}
 	defer func() {
 		say("tearing the cluster down")
 		c.Close()
+		say("done after %v", time.Since(start).Round(time.Second))
 	}()
 	say("cluster up after %v", time.Since(start).Round(time.Second))
 	show(ctx, c, "sinfo -N")
 
 	work := filepath.Join(dir, "work")
-	os.MkdirAll(work, 0o777)
+	if err := os.MkdirAll(work, 0o777); err != nil {
+		return err
+	}
 	// Relative paths: sbatch runs in the lab directory, which the nodes share.
 	out, errf := filepath.Join(work, "hello.out"), filepath.Join(work, "hello.err")
-	cmd := fmt.Sprintf("sbatch -N %d --vm-image=%s -o work/hello.out -e work/hello.err %s", *nodes, *image, *script)
-	fmt.Printf("\n$ %s\n", strings.Replace(cmd, *script, "examples/hello.sbatch", 1))
+	cmd := fmt.Sprintf("sbatch -N %d --vm-image=%s -o work/hello.out -e work/hello.err %s", o.nodes, o.image, o.script)
+	fmt.Printf("\n$ %s\n", strings.Replace(cmd, o.script, "examples/hello.sbatch", 1))
 	submitted := time.Now()
 	id, r, err := lab.Submit(ctx, c, cmd)
 	fmt.Print(r.Stdout, r.Stderr)
 	if err != nil {
-		fatal(err)
+		return err
 	}
-	say("job %s submitted; the VM boots on %d nodes (under TCG this takes minutes)...", id, *nodes)
+	say("job %s submitted; the VM boots on %d nodes (under TCG this takes minutes)...", id, o.nodes)
 	last := ""
 	var j lab.Job
 	for {
@@ -97,20 +127,33 @@ func main() {
 		}
 		select {
 		case <-ctx.Done():
-			fatal(fmt.Errorf("job %s did not finish: %w", id, ctx.Err()))
+			return fmt.Errorf("job %s did not finish: %w (last state %q)", id, ctx.Err(), j.State)
 		case <-time.After(time.Second):
 		}
 	}
+	elapsed := time.Since(submitted).Round(time.Second)
+
 	fmt.Printf("\n---- job output (%s) ----\n", filepath.Base(out))
-	b, _ := os.ReadFile(out)
+	b, err := os.ReadFile(out)
+	if err != nil {
+		fmt.Printf("(%v)\n", err)
+	}
 	fmt.Print(string(b))
 	if e, _ := os.ReadFile(errf); len(e) > 0 {
-		fmt.Printf("---- job stderr ----\n%s", e)
+		fmt.Printf("---- job stderr (%s) ----\n%s", filepath.Base(errf), e)
 	}
-	fmt.Println("---- scontrol show job ----")
+	fmt.Printf("\n---- scontrol show job %s ----\n", id)
 	show(ctx, c, "scontrol show job "+id)
-	fmt.Println("---- accounting record (jobcomp/filetxt: the lab has no slurmdbd, so sacct has no data) ----")
-	if b, err := os.ReadFile(c.JobCompLog()); err == nil {
+	// The lab runs AccountingStorageType=accounting_storage/none (no
+	// slurmdbd): print whatever sacct really answers.
+	sacct := "sacct -j " + id + " --format=JobID,JobName,Partition,NNodes,State,ExitCode,Elapsed"
+	fmt.Printf("---- %s ----\n", sacct)
+	show(ctx, c, sacct)
+	fmt.Println("(the lab has no slurmdbd: AccountingStorageType=accounting_storage/none; Slurm's completion record is jobcomp/filetxt:)")
+	fmt.Printf("---- jobcomp log (%s) ----\n", filepath.Base(c.JobCompLog()))
+	if b, err := os.ReadFile(c.JobCompLog()); err != nil {
+		fmt.Printf("(%v)\n", err)
+	} else {
 		for _, l := range strings.Split(string(b), "\n") {
 			if strings.Contains(l, "JobId="+id+" ") {
 				fmt.Println(l)
@@ -118,14 +161,15 @@ func main() {
 		}
 	}
 	fmt.Println()
-	say("job %s: %s, ExitCode %s, %v from sbatch to the end", id, j.State, j.ExitCode, time.Since(submitted).Round(time.Second))
-	if j.State != "COMPLETED" {
-		stop()
-		c.Close()
-		os.Exit(1)
+	say("job %s: %s, ExitCode %s, %v from sbatch to the end", id, j.State, j.ExitCode, elapsed)
+	if j.State != "COMPLETED" || j.ExitCode != "0:0" {
+		return fmt.Errorf("job %s ended %s with ExitCode %s", id, j.State, j.ExitCode)
 	}
+	return nil
 }
 
+// show runs a Slurm client command in the lab and prints what it says,
+// with its exit status when that is not 0.
 func show(ctx context.Context, c *lab.VirtCluster, cmd string) {
 	r, err := c.Client(ctx, cmd)
 	if err != nil {
@@ -133,6 +177,9 @@ func show(ctx context.Context, c *lab.VirtCluster, cmd string) {
 		return
 	}
 	fmt.Print(r.Stdout, r.Stderr)
+	if r.ExitCode != 0 {
+		fmt.Printf("(%s: exit status %d)\n", strings.Fields(cmd)[0], r.ExitCode)
+	}
 }
 
 func envOr(k, def string) string {
@@ -140,9 +187,4 @@ func envOr(k, def string) string {
 		return v
 	}
 	return def
-}
-
-func fatal(err error) {
-	fmt.Fprintf(os.Stderr, "demo: %v\n", err)
-	os.Exit(1)
 }

@@ -3,6 +3,7 @@ package images
 import (
 	"context"
 	"crypto/sha256"
+	"debug/buildinfo"
 	"debug/elf"
 	"encoding/hex"
 	"errors"
@@ -54,7 +55,8 @@ type Builder struct {
 	Logger   *slog.Logger // nil: slog.Default()
 	Progress Progress     // nil: none
 	// Agent is the static hpcvm-agent binary put into images. Its sha256 is
-	// part of the cache key, so a new agent means a new image.
+	// part of the cache key, so a new agent means a new image: build it
+	// reproducibly (make agent) or every commit rebuilds every image.
 	Agent    string
 	CacheDir string  // debootstrap's package cache; "" disables it
 	Stages   []Stage // nil: DefaultStages()
@@ -95,6 +97,9 @@ func (b *Builder) Build(ctx context.Context, def *Definition, opts BuildOptions)
 	agentSHA, err := checkAgent(b.Agent)
 	if err != nil {
 		return nil, false, err
+	}
+	if stampedAgent(b.Agent) {
+		log.Warn("the agent binary has a VCS stamp, so every commit changes it and rebuilds the image; build it with make agent (go build -trimpath -buildvcs=false)", "agent", b.Agent)
 	}
 	key := BuildKey(defHash, agentSHA)
 	if old, err := b.Store.Get(def.Name); err == nil && old.BuildKey == key && !opts.Force {
@@ -248,6 +253,20 @@ func checkAgent(path string) (string, error) {
 	}
 	sum, _, err := fileSHA256(context.Background(), path)
 	return sum, err
+}
+
+// stampedAgent says whether the agent was built with Go's VCS stamping.
+func stampedAgent(path string) bool {
+	bi, err := buildinfo.ReadFile(path)
+	if err != nil {
+		return false
+	}
+	for _, s := range bi.Settings {
+		if s.Key == "vcs.revision" {
+			return true
+		}
+	}
+	return false
 }
 
 // runCmd runs a host command with its output appended to the build log. It

@@ -131,6 +131,55 @@ func TestBuildPublishesAndCaches(t *testing.T) {
 	if _, cached, err = b.Build(context.Background(), def, BuildOptions{}); err != nil || cached || runs != 3 {
 		t.Fatalf("Build of a changed definition: %v cached=%v runs=%d", err, cached, runs)
 	}
+	// The same agent bytes under another path: cached (the key is the
+	// content, not the file); other agent bytes: rebuilt.
+	agent, _ := os.ReadFile(b.Agent)
+	b.Agent = filepath.Join(t.TempDir(), "hpcvm-agent")
+	if err := os.WriteFile(b.Agent, agent, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if _, cached, err = b.Build(context.Background(), def, BuildOptions{}); err != nil || !cached || runs != 3 {
+		t.Fatalf("Build with a copy of the agent: %v cached=%v runs=%d", err, cached, runs)
+	}
+	if err := os.WriteFile(b.Agent, append(agent, 0), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if _, cached, err = b.Build(context.Background(), def, BuildOptions{}); err != nil || cached || runs != 4 {
+		t.Fatalf("Build with a changed agent: %v cached=%v runs=%d", err, cached, runs)
+	}
+}
+
+func TestBuildKey(t *testing.T) {
+	def := testDef(t)
+	h1, err := def.Hash()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The same definition parsed again, with other comments and layout.
+	again, err := Parse("other.toml", []byte("# a comment\n\n"+minimal))
+	if err != nil {
+		t.Fatal(err)
+	}
+	h2, err := again.Hash()
+	if err != nil {
+		t.Fatal(err)
+	}
+	def.Packages = append(def.Packages, "hpcc")
+	h3, err := def.Hash()
+	if err != nil {
+		t.Fatal(err)
+	}
+	agentA, agentB := strings.Repeat("a", 64), strings.Repeat("b", 64)
+	k := BuildKey(h1, agentA)
+	if len(k) != 64 || BuildKey(h1, agentA) != k || BuildKey(h2, agentA) != k {
+		t.Errorf("same definition and agent: keys %s, %s, %s", k, BuildKey(h1, agentA), BuildKey(h2, agentA))
+	}
+	if BuildKey(h3, agentA) == k {
+		t.Error("changed definition, same key")
+	}
+	if BuildKey(h1, agentB) == k {
+		t.Error("changed agent, same key")
+	}
 }
 
 func TestBuildRejectsDynamicAgent(t *testing.T) {

@@ -313,13 +313,26 @@ func findOrBuildAgent(ctx context.Context, log *slog.Logger, cache string) (stri
 	}
 	out := filepath.Join(dir, "hpcvm-agent")
 	log.Info("building the guest agent", "source", root, "out", out)
-	cmd := exec.CommandContext(ctx, "go", "build", "-trimpath", "-o", out, "./guest/agent")
+	return out, buildAgent(ctx, root, out)
+}
+
+// buildAgent builds the static agent reproducibly, as `make agent` does: no
+// VCS stamp, no paths, and a version label that changes only with
+// guest/agent, so that a commit elsewhere leaves the agent's sha256, and the
+// image build key, unchanged.
+func buildAgent(ctx context.Context, root, out string) error {
+	v, err := exec.CommandContext(ctx, "sh", filepath.Join(root, "guest", "agent", "version.sh")).Output()
+	if err != nil {
+		return fmt.Errorf("guest/agent/version.sh: %v", err)
+	}
+	cmd := exec.CommandContext(ctx, "go", "build", "-trimpath", "-buildvcs=false",
+		"-ldflags", "-X main.version="+strings.TrimSpace(string(v)), "-o", out, "./guest/agent")
 	cmd.Dir = root
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if b, err := cmd.CombinedOutput(); err != nil {
-		return "", fmt.Errorf("go build ./guest/agent: %v\n%s", err, b)
+		return fmt.Errorf("go build ./guest/agent: %v\n%s", err, b)
 	}
-	return out, nil
+	return nil
 }
 
 func findModuleRoot() (string, error) {

@@ -15,6 +15,7 @@ import (
 
 	"github.com/hpcvm/hpcvm/guest/agent/client"
 	"github.com/hpcvm/hpcvm/policies"
+	"github.com/hpcvm/hpcvm/vmm/imagevm"
 )
 
 // Options are `hpcvm launch`'s settings: the plugin's plugstack arguments
@@ -31,7 +32,7 @@ type Options struct {
 	Argv       []string
 	VMM        []string // the VMM command of the slices (Plan.VMM)
 
-	// BootTimeout bounds boot to the agent answering (default 10 min).
+	// BootTimeout bounds boot to the agent answering (0: imagevm.DefaultBootTimeout).
 	BootTimeout time.Duration
 	// TermGrace is how long the guest command gets after a forwarded
 	// SIGTERM before the VM is stopped (default 5 s; Slurm's KillWait
@@ -84,7 +85,7 @@ func (l *Launcher) Run(ctx context.Context) int {
 		return l.failf("no command to run")
 	}
 	if l.Opts.BootTimeout == 0 {
-		l.Opts.BootTimeout = 10 * time.Minute
+		l.Opts.BootTimeout = imagevm.DefaultBootTimeout
 	}
 	if l.Opts.TermGrace == 0 {
 		l.Opts.TermGrace = 5 * time.Second
@@ -141,8 +142,7 @@ func (l *Launcher) Run(ctx context.Context) int {
 	defer bootCancel()
 	ready := make(chan error, 1)
 	go func() {
-		_, err := guest.Agent().WaitReady(bootCtx, 100*time.Millisecond)
-		ready <- err
+		ready <- imagevm.WaitAgent(bootCtx, guest.Agent())
 	}()
 	for booted := false; !booted; {
 		select {

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"debug/buildinfo"
@@ -57,11 +58,11 @@ func TestBuildAgentReproducible(t *testing.T) {
 		if err := buildAgent(context.Background(), repo, out); err != nil {
 			t.Fatal(err)
 		}
+		var bi *buildinfo.BuildInfo
 		b, err := os.ReadFile(out)
-		if err != nil {
-			t.Fatal(err)
+		if err == nil {
+			bi, err = buildinfo.Read(bytes.NewReader(b))
 		}
-		bi, err := buildinfo.ReadFile(out)
 		if err != nil {
 			t.Fatal(err)
 		}

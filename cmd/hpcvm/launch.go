@@ -16,6 +16,7 @@ import (
 
 	"github.com/hpcvm/hpcvm/internal/units"
 	launcher "github.com/hpcvm/hpcvm/job-launcher"
+	"github.com/hpcvm/hpcvm/vmm/imagevm"
 	"github.com/hpcvm/hpcvm/vmm/linuxvm"
 	"github.com/hpcvm/hpcvm/vmm/machine"
 )
@@ -57,7 +58,7 @@ func launchMain(args []string) int {
 	fs.StringVar(&o.DiskMode, "disk-mode", launcher.DiskModeCopy, "copy: boot a private writable copy of the image's disk; ro: boot the image's disk read-only (root read-only, /tmp a tmpfs)")
 	fs.BoolVar(&o.Batch, "batch", false, "the command is a batch script to stage into the guest")
 	vmm := fs.String("vmm", "", "program the slices run as the VMM, with `hpcvm vm run`'s flags (default: hpcvm launch vmm)")
-	bootTimeout := fs.Duration("boot-timeout", 10*time.Minute, "give up if the guest agent does not answer within this")
+	bootTimeout := fs.Duration("boot-timeout", imagevm.DefaultBootTimeout, "give up if the guest agent does not answer within this")
 	verbose := fs.Bool("v", false, "log progress to stderr")
 	fs.Usage = func() {
 		fmt.Fprint(fs.Output(), launchUsage)

@@ -49,9 +49,10 @@ func runMain(args []string) int {
 	asRoot := fs.Bool("root", false, "run as root in the guest instead of the calling user's uid/gid")
 	console := fs.String("console", "", "copy the guest console to `FILE`")
 	verify := fs.Bool("verify", true, "verify the image's checksums before booting")
+	bootTimeout := fs.String("boot-timeout", units.FormatDuration(imagevm.DefaultBootTimeout), "give up if the guest agent does not answer within `DURATION` (e.g. 30m, 1h30m)")
 	verbose := fs.Bool("v", false, "log VMM events and boot time to stderr")
 	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "usage: hpcvm run --image NAME [--cpus N] [--mem SIZE] [--env K=V]... [--workdir DIR] -- CMD [ARGS...]\n\n"+
+		fmt.Fprintf(fs.Output(), "usage: hpcvm run --image NAME [--cpus N] [--mem SIZE] [--env K=V]... [--workdir DIR] [--boot-timeout DURATION] -- CMD [ARGS...]\n\n"+
 			"Boots the image as a VM on this node, runs CMD inside it as the calling user, streams its stdout and\n"+
 			"stderr, forwards signals, and exits with CMD's status (128+N when killed by signal N).\n\noptions:\n")
 		fs.PrintDefaults()
@@ -68,6 +69,13 @@ func runMain(args []string) int {
 	if err != nil {
 		return fail("--mem: %v", err)
 	}
+	boot, err := units.ParseDuration(*bootTimeout)
+	if err != nil {
+		return fail("--boot-timeout: %v", err)
+	}
+	if boot == 0 {
+		return fail("--boot-timeout 0: must be more than 0")
+	}
 	if !strings.HasPrefix(*workdir, "/") {
 		return fail("--workdir %q: must be an absolute path in the guest", *workdir)
 	}
@@ -80,7 +88,7 @@ func runMain(args []string) int {
 	if err != nil {
 		return fail("%v", err)
 	}
-	cfg := imagevm.Config{Store: st, Image: *image, CPUs: *cpus, MemBytes: memBytes, Verify: *verify, Logger: logger, ExtraCmdline: "quiet"}
+	cfg := imagevm.Config{Store: st, Image: *image, CPUs: *cpus, MemBytes: memBytes, Verify: *verify, Logger: logger, ExtraCmdline: "quiet", BootTimeout: boot}
 	if *console != "" {
 		f, err := os.Create(*console)
 		if err != nil {

@@ -42,7 +42,7 @@ type Config struct {
 	Console io.Writer
 	// ExtraCmdline is appended to the image's kernel command line.
 	ExtraCmdline string
-	// BootTimeout bounds the wait for the agent (default 10 minutes).
+	// BootTimeout bounds the wait for the agent (0: DefaultBootTimeout).
 	BootTimeout time.Duration
 	Logger      *slog.Logger
 }
@@ -63,6 +63,11 @@ type VM struct {
 	console string
 }
 
+// DefaultBootTimeout bounds a boot when no timeout is given. Minutes: a
+// Debian image under nested virtualization takes ~2 minutes
+// (docs/benchmarks.md). The job launcher uses it too.
+const DefaultBootTimeout = 10 * time.Minute
+
 // ErrUnknownImage is returned (wrapped) for an image the store lacks; the
 // message lists the images that exist.
 var ErrUnknownImage = errors.New("unknown image")
@@ -73,7 +78,7 @@ func Start(ctx context.Context, cfg Config) (*VM, error) {
 		cfg.Logger = slog.Default()
 	}
 	if cfg.BootTimeout == 0 {
-		cfg.BootTimeout = 10 * time.Minute
+		cfg.BootTimeout = DefaultBootTimeout
 	}
 	m, err := cfg.Store.Get(cfg.Image)
 	if errors.Is(err, images.ErrNotFound) {
@@ -145,7 +150,7 @@ func Start(ctx context.Context, cfg Config) (*VM, error) {
 	ready := make(chan error, 1)
 	go func() {
 		// The socket appears once the VMM created the vsock device.
-		ready <- waitAgent(wctx, v.Agent)
+		ready <- WaitAgent(wctx, v.Agent)
 	}()
 	select {
 	case err := <-ready:
@@ -160,7 +165,7 @@ func Start(ctx context.Context, cfg Config) (*VM, error) {
 	return v, nil
 }
 
-// agentPoll is how often Start pings the booting guest's agent and
+// agentPoll is how often WaitAgent pings the booting guest's agent and
 // agentPingTimeout bounds one ping. A ping fails at once while the agent
 // is not listening (the guest resets the connection; the VMM drops it if
 // the guest does not answer within its connect timeout), so a generous
@@ -175,8 +180,10 @@ const (
 	agentPingTimeout = time.Minute
 )
 
-// waitAgent pings until the agent answers or ctx ends.
-func waitAgent(ctx context.Context, cl *client.Client) error {
+// WaitAgent pings a booting guest's agent until it answers or ctx ends.
+// Use it rather than client.WaitReady, whose short ping bound misses slow
+// agents (see agentPingTimeout).
+func WaitAgent(ctx context.Context, cl *client.Client) error {
 	for {
 		pctx, cancel := context.WithTimeout(ctx, agentPingTimeout)
 		_, err := cl.Ping(pctx)

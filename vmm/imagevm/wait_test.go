@@ -43,7 +43,7 @@ func TestWaitAgentSlowAgent(t *testing.T) {
 	wctx, wcancel := context.WithTimeout(ctx, 30*time.Second)
 	defer wcancel()
 	start := time.Now()
-	if err := waitAgent(wctx, client.New(client.Unix(sock))); err != nil {
+	if err := WaitAgent(wctx, client.New(client.Unix(sock))); err != nil {
 		t.Fatalf("slow agent not found ready: %v", err)
 	}
 	t.Logf("ready after %v", time.Since(start).Round(time.Millisecond))
@@ -52,8 +52,8 @@ func TestWaitAgentSlowAgent(t *testing.T) {
 func TestWaitAgentGivesUp(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()
-	err := waitAgent(ctx, client.New(client.Unix(filepath.Join(t.TempDir(), "none.sock"))))
+	err := WaitAgent(ctx, client.New(client.Unix(filepath.Join(t.TempDir(), "none.sock"))))
 	if err == nil {
-		t.Fatal("no agent, but waitAgent returned nil")
+		t.Fatal("no agent, but WaitAgent returned nil")
 	}
 }

@@ -133,9 +133,10 @@ func TestRun(t *testing.T) {
 
 	began := time.Now()
 	data := newCase("data", runUID)
-	start(data, fmt.Sprintf(`cd %[1]s && %[2]s TMPDIR=%[1]s/tmp %[3]s --cpus 2 --mem 512MiB --console %[1]s/console.log `+
+	dataScript := fmt.Sprintf(`cd %[1]s && %[2]s TMPDIR=%[1]s/tmp %[3]s --cpus 2 --mem 512MiB --console %[1]s/console.log `+
 		`--env HPCVM_E2E=e2e-value --env 'SPACED=a  b' --workdir /usr/share -- sh -c %[4]s >%[1]s/out 2>%[1]s/err`,
-		data.dir, asUser, guestvm.Quote(common), guestvm.Quote([]string{runDataGuest})))
+		data.dir, asUser, guestvm.Quote(common), guestvm.Quote([]string{runDataGuest}))
+	start(data, dataScript)
 
 	// On failure: the debian12 guest console, and hpcvm processes still there.
 	t.Cleanup(func() {
@@ -244,6 +245,16 @@ func TestRun(t *testing.T) {
 		res, err := data.proc.Wait(ctx)
 		if err != nil {
 			t.Fatalf("%v\n%s", err, res)
+		}
+		if res.ExitCode != 3 && strings.Contains(n.MustRun(t, ctx, "tail -c 4000 "+data.dir+"/err"), "triple fault (KVM_EXIT_SHUTDOWN)") {
+			// A known nested-virtualization failure of virt nodes
+			// (docs/testing.md, guestvm.PlatformReset); a VMM bug would
+			// reset again.
+			t.Logf("attempt 1: the guest triple-faulted (exit %d); running once more", res.ExitCode)
+			start(data, dataScript)
+			if res, err = data.proc.Wait(ctx); err != nil {
+				t.Fatalf("%v\n%s", err, res)
+			}
 		}
 		t.Logf("finished %.0f s after the runs began", time.Since(began).Seconds())
 		if res.ExitCode != 3 {

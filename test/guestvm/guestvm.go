@@ -272,3 +272,11 @@ func Quote(args []string) string {
 	}
 	return strings.Join(q, " ")
 }
+
+// PlatformReset reports whether hpcvm stopped because the guest
+// triple-faulted. In virt nodes Debian kernels do this now and then under
+// the reference QEMU microvm as under hpcvm (docs/testing.md), so tests may
+// boot once more; a second reset is a failure.
+func PlatformReset(r Run) bool {
+	return strings.Contains(r.Stderr, "triple fault (KVM_EXIT_SHUTDOWN)")
+}

@@ -105,7 +105,10 @@ func run(o options) (err error) {
 	}
 	// Relative paths: sbatch runs in the lab directory, which the nodes share.
 	out, errf := filepath.Join(work, "hello.out"), filepath.Join(work, "hello.err")
-	cmd := fmt.Sprintf("sbatch -N %d --vm-image=%s -o work/hello.out -e work/hello.err %s", o.nodes, o.image, o.script)
+	// The guest's console is kept (--vm-console: an absolute path) and
+	// printed only if the job fails.
+	console := filepath.Join(work, "console.log")
+	cmd := fmt.Sprintf("sbatch -N %d --vm-image=%s -o work/hello.out -e work/hello.err --vm-console=%s %s", o.nodes, o.image, console, o.script)
 	fmt.Printf("\n$ %s\n", strings.Replace(cmd, o.script, "examples/hello.sbatch", 1))
 	submitted := time.Now()
 	id, r, err := lab.Submit(ctx, c, cmd)
@@ -163,6 +166,7 @@ func run(o options) (err error) {
 	fmt.Println()
 	say("job %s: %s, ExitCode %s, %v from sbatch to the end", id, j.State, j.ExitCode, elapsed)
 	if j.State != "COMPLETED" || j.ExitCode != "0:0" {
+		fmt.Printf("---- guest console (%s), last lines ----\n%s\n", filepath.Base(console), lastLines(console, 40))
 		return fmt.Errorf("job %s ended %s with ExitCode %s", id, j.State, j.ExitCode)
 	}
 	return nil
@@ -180,6 +184,19 @@ func show(ctx context.Context, c *lab.VirtCluster, cmd string) {
 	if r.ExitCode != 0 {
 		fmt.Printf("(%s: exit status %d)\n", strings.Fields(cmd)[0], r.ExitCode)
 	}
+}
+
+// lastLines is the end of a file, or why it cannot be read.
+func lastLines(path string, n int) string {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return fmt.Sprintf("(%v)", err)
+	}
+	l := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
+	if len(l) > n {
+		l = l[len(l)-n:]
+	}
+	return strings.Join(l, "\n")
 }
 
 func envOr(k, def string) string {

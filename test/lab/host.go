@@ -261,6 +261,10 @@ func waitFile(ctx context.Context, path string) error {
 	}
 }
 
+// Tail is the last lines of a file, or why it cannot be read (for logs
+// and consoles in failure reports).
+func Tail(path string, lines int) string { return tail(path, lines) }
+
 func tail(path string, lines int) string {
 	b, err := os.ReadFile(path)
 	if err != nil {

@@ -166,7 +166,7 @@ func run(o options) (err error) {
 	fmt.Println()
 	say("job %s: %s, ExitCode %s, %v from sbatch to the end", id, j.State, j.ExitCode, elapsed)
 	if j.State != "COMPLETED" || j.ExitCode != "0:0" {
-		fmt.Printf("---- guest console (%s), last lines ----\n%s\n", filepath.Base(console), lastLines(console, 40))
+		fmt.Printf("---- guest console (%s), last lines ----\n%s\n", filepath.Base(console), lab.Tail(console, 40))
 		return fmt.Errorf("job %s ended %s with ExitCode %s", id, j.State, j.ExitCode)
 	}
 	return nil
@@ -184,19 +184,6 @@ func show(ctx context.Context, c *lab.VirtCluster, cmd string) {
 	if r.ExitCode != 0 {
 		fmt.Printf("(%s: exit status %d)\n", strings.Fields(cmd)[0], r.ExitCode)
 	}
-}
-
-// lastLines is the end of a file, or why it cannot be read.
-func lastLines(path string, n int) string {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return fmt.Sprintf("(%v)", err)
-	}
-	l := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
-	if len(l) > n {
-		l = l[len(l)-n:]
-	}
-	return strings.Join(l, "\n")
 }
 
 func envOr(k, def string) string {

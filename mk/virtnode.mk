@@ -29,7 +29,7 @@ node-assets: virtnode-deps
 # -p 1: one package at a time, the nodes already use both cores.
 # HPCVM_E2E_REQUIRE=1: missing prerequisites fail instead of skipping.
 e2e: build node-assets guest-kernel guest-cloud-kernel guest-initramfs
-	HPCVM_E2E_REQUIRE=1 HPCVM_BIN=$(BIN)/hpcvm $(E2E_ENV) $(GO) test -tags e2e -count=1 -p 1 -v \
+	HPCVM_E2E_REQUIRE=1 HPCVM_BIN=$(BIN)/hpcvm $(GO) test -tags e2e -count=1 -p 1 -v \
 		-timeout $(E2E_TIMEOUT) -run '$(E2E_RUN)' $(E2E_PKGS)
 
 bench: build node-assets guest-kernel guest-initramfs

@@ -102,7 +102,9 @@ func TestRun(t *testing.T) {
 	r := node(t)
 	n := r.Node
 	store := imageStoreDir()
-	needImage(t, store, runImage)
+	if runDebian {
+		needImage(t, store, runImage)
+	}
 	hpcvmHost := mustHPCVM(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 40*time.Minute)
 	defer cancel()
@@ -132,15 +134,19 @@ func TestRun(t *testing.T) {
 	asUserNoGroups := fmt.Sprintf("setpriv --reuid=%[1]d --regid=%[1]d --clear-groups env HOME=/nonexistent", runUID)
 
 	began := time.Now()
-	data := newCase("data", runUID)
-	dataScript := fmt.Sprintf(`cd %[1]s && %[2]s TMPDIR=%[1]s/tmp %[3]s --cpus 2 --mem 512MiB --console %[1]s/console.log `+
-		`--env HPCVM_E2E=e2e-value --env 'SPACED=a  b' --workdir /usr/share -- sh -c %[4]s >%[1]s/out 2>%[1]s/err`,
-		data.dir, asUser, guestvm.Quote(common), guestvm.Quote([]string{runDataGuest}))
-	start(data, dataScript)
+	var data *runCase
+	var dataScript string
+	if runDebian {
+		data = newCase("data", runUID)
+		dataScript = fmt.Sprintf(`cd %[1]s && %[2]s TMPDIR=%[1]s/tmp %[3]s --cpus 2 --mem 512MiB --console %[1]s/console.log `+
+			`--env HPCVM_E2E=e2e-value --env 'SPACED=a  b' --workdir /usr/share -- sh -c %[4]s >%[1]s/out 2>%[1]s/err`,
+			data.dir, asUser, guestvm.Quote(common), guestvm.Quote([]string{runDataGuest}))
+		start(data, dataScript)
+	}
 
 	// On failure: the debian12 guest console, and hpcvm processes still there.
 	t.Cleanup(func() {
-		if !t.Failed() {
+		if !t.Failed() || data == nil {
 			return
 		}
 		dctx, dcancel := context.WithTimeout(context.Background(), time.Minute)
@@ -241,6 +247,9 @@ func TestRun(t *testing.T) {
 		}
 	})
 
+	if !runDebian {
+		return
+	}
 	t.Run("data-exit3", func(t *testing.T) {
 		res, err := data.proc.Wait(ctx)
 		if err != nil {

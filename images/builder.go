@@ -72,7 +72,7 @@ type BuildOptions struct {
 // BuilderVersion changes whenever DefaultStages would build a different
 // image from the same definition (base packages, files, steps), so images
 // built by an older builder are rebuilt rather than served from cache.
-const BuilderVersion = 2
+const BuilderVersion = 3
 
 // BuildKey is the cache key of a build: the builder version, the
 // definition's hash and the agent binary's sha256.

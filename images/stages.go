@@ -76,9 +76,10 @@ func agentUnit(port uint32) string {
 Description=hpcvm guest agent (vsock port %d)
 Documentation=https://github.com/hpcvm/hpcvm/blob/main/docs/agent.md
 # Early: jobs need nothing but the root filesystem, and the host waits for
-# the agent to know the guest is up.
+# the agent to know the guest is up. After tmpfiles-setup: its "D /tmp" rule
+# empties /tmp, where the host may already have staged a job's files.
 DefaultDependencies=no
-After=systemd-remount-fs.service systemd-modules-load.service
+After=systemd-remount-fs.service systemd-modules-load.service systemd-tmpfiles-setup.service
 Wants=systemd-modules-load.service
 Before=shutdown.target
 Conflicts=shutdown.target

@@ -12,7 +12,7 @@ type Image struct {
 	Name      string
 	Kernel    string
 	Initrd    string
-	Disk      string // raw root disk; every job boots a private copy
+	Disk      string // raw root disk, never written: jobs write to an overlay (or boot it read-only)
 	Cmdline   string
 	AgentPort uint32
 }

@@ -313,7 +313,7 @@ func TestRequestWithoutSlurmMemory(t *testing.T) {
 }
 
 func TestPlanRoundTrip(t *testing.T) {
-	p := &Plan{JobID: "7", Cluster: "lab", StepID: "0", Nodes: []string{"n1"}, RuntimeDir: "/run/hpcvm/7.0", VMM: []string{"/bin/hpcvm", "launch", "vmm"},
+	p := &Plan{JobID: "7", Cluster: "lab", StepID: "0", Nodes: []string{"n1"}, RuntimeDir: "/run/hpcvm/7.0", VMM: []string{"/bin/hpcvm", "vm", "run"},
 		VM: VMSpec{Kernel: "/k", CPUs: 2, MemBytes: 1 << 30, AgentPort: 1024, DiskMode: DiskModeShared}}
 	s, err := p.Encode()
 	if err != nil {

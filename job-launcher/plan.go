@@ -4,7 +4,11 @@ import (
 	"encoding/json"
 	"fmt"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"syscall"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/hpcvm/hpcvm/policies"
 )
@@ -19,15 +23,16 @@ type Plan struct {
 	StepID  string   `json:"step_id"`
 	Nodes   []string `json:"nodes"` // slice i runs on Nodes[i]
 	// RuntimeDir is a node-local directory, the same path on every node:
-	// the vsock socket (slice 0), the console log, the disk copy.
+	// the vsock socket (slice 0), the console log, the disk overlay.
 	RuntimeDir string `json:"runtime_dir"`
 	// VM is the whole VM. Until the distributed VMM places vCPUs on every
 	// slice, slice 0 runs all of it and the other slices hold their node.
 	VM     VMSpec       `json:"vm"`
 	Cgroup CgroupLimits `json:"cgroup"`
 	// VMM is the command slice 0 runs with `hpcvm vm run`'s flags
-	// appended: `hpcvm launch vmm` (tests use a fake). It must ignore
-	// SIGTERM and stop on SIGUSR1 (see SliceTermDelay).
+	// appended (VMMArgs): `hpcvm vm run` (tests use a fake). The flags
+	// include --stop-signal=SIGUSR1: it must ignore SIGTERM and stop on
+	// SIGUSR1 (see SliceTermDelay).
 	VMM []string `json:"vmm"`
 }
 
@@ -36,8 +41,9 @@ type VMSpec struct {
 	Kernel string `json:"kernel"`
 	Initrd string `json:"initrd,omitempty"`
 	Disk   string `json:"disk,omitempty"` // the image's disk
-	// DiskMode is DiskCopy (slice 0 boots a private writable copy) or
-	// DiskShared (the image's disk itself, read-only; the guest root is
+	// DiskMode is DiskModeCopy (slice 0 boots a private writable
+	// copy-on-write view: the image's disk with an overlay file) or
+	// DiskModeShared (the image's disk itself, read-only; the guest root is
 	// read-only and /tmp a tmpfs).
 	DiskMode string `json:"disk_mode,omitempty"`
 	Cmdline  string `json:"cmdline"`
@@ -59,14 +65,40 @@ func (p *Plan) ConsolePath() string {
 	return filepath.Join(p.RuntimeDir, "console.log")
 }
 
-// Disk modes (plugstack disk=, `hpcvm launch --disk-mode`).
+// Disk modes (plugstack disk=, `hpcvm launch --disk-mode`). DiskModeCopy
+// keeps its name from when it copied the whole disk: it is now a
+// copy-on-write overlay (nothing is copied), private to the job all the
+// same.
 const (
 	DiskModeCopy   = "copy"
 	DiskModeShared = "ro"
 )
 
-// DiskCopy is the private copy of the image's disk the VM boots.
-func (p *Plan) DiskCopy() string { return filepath.Join(p.RuntimeDir, "disk.raw") }
+// DiskOverlay is the file that holds the job's writes to its disk
+// (DiskModeCopy): the VMM creates it, sparse; the image's disk is never
+// written. Slice 0 removes it when the VMM has exited.
+func (p *Plan) DiskOverlay() string { return filepath.Join(p.RuntimeDir, "disk.overlay") }
+
+// VMMStopSignal is how slice 0 stops its VMM (--stop-signal).
+const VMMStopSignal = syscall.SIGUSR1
+
+// VMMArgs are the `hpcvm vm run` flags slice 0 runs its VMM with.
+func (p *Plan) VMMArgs() []string {
+	args := []string{"--kernel", p.VM.Kernel, "--cpus", strconv.Itoa(p.VM.CPUs),
+		"--mem", fmt.Sprintf("%dMiB", p.VM.MemBytes>>20), "--cmdline", p.VM.Cmdline,
+		"--vsock", p.VsockPath(), "--console", p.ConsolePath(), "--stop-signal=" + unix.SignalName(VMMStopSignal)}
+	if p.VM.Initrd != "" {
+		args = append(args, "--initrd", p.VM.Initrd)
+	}
+	switch {
+	case p.VM.Disk == "":
+	case p.VM.DiskMode == DiskModeShared:
+		args = append(args, "--disk", p.VM.Disk+",ro")
+	default:
+		args = append(args, "--disk", p.VM.Disk+",overlay="+p.DiskOverlay())
+	}
+	return args
+}
 
 // CgroupName is slice i's cgroup name, unique per cluster, job step and
 // node: hpcvm-<job>.<step>-<slice>[-<cluster>].

@@ -4,12 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
+	"io/fs"
 	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"syscall"
 	"time"
 )
@@ -27,10 +26,12 @@ const SliceStopGrace = 5 * time.Second
 // RunSlice is one node's part of a VM (`hpcvm launch slice`), started by
 // the launcher through srun on every node of the step. It creates the
 // node's VMM cgroup (a child of its own cgroup, so within the job's
-// limits); slice 0 copies the image's disk and runs the VM with
-// `hpcvm launch vmm` inside that cgroup. When ctx ends (srun forwards SIGTERM
-// when the launcher stops the step) the VMM is stopped and the cgroup,
-// with anything left in it, removed. It returns the VMM's exit error, nil
+// limits); slice 0 runs the VM with `hpcvm vm run --stop-signal=SIGUSR1`
+// (Plan.VMM, Plan.VMMArgs) inside that cgroup, the job's writes to its disk
+// going to a copy-on-write overlay file (Plan.DiskOverlay) that is removed
+// at the end. When ctx ends (srun forwards SIGTERM when the launcher stops
+// the step) the VMM is stopped and the cgroup, with anything left in it,
+// removed. It returns the VMM's exit error, nil
 // after a guest poweroff or a stop.
 func RunSlice(ctx context.Context, p *Plan, index int, log *slog.Logger) (err error) {
 	if index < 0 || index >= len(p.Nodes) {
@@ -50,7 +51,9 @@ func RunSlice(ctx context.Context, p *Plan, index int, log *slog.Logger) (err er
 			log.Warn("removing the VMM cgroup", "path", cg.Path(), "err", derr)
 		}
 		if index == 0 {
-			os.Remove(p.DiskCopy())
+			if rerr := os.Remove(p.DiskOverlay()); rerr != nil && !errors.Is(rerr, fs.ErrNotExist) {
+				log.Warn("removing the disk overlay", "path", p.DiskOverlay(), "err", rerr)
+			}
 		}
 	}()
 	if index != 0 {
@@ -60,28 +63,11 @@ func RunSlice(ctx context.Context, p *Plan, index int, log *slog.Logger) (err er
 		return nil
 	}
 
-	disk := ""
-	if p.VM.Disk != "" && p.VM.DiskMode == DiskModeShared {
-		disk = p.VM.Disk + ",ro"
-	} else if p.VM.Disk != "" {
-		start := time.Now()
-		if err := copySparse(ctx, p.VM.Disk, p.DiskCopy()); err != nil {
-			return fmt.Errorf("slice 0: copying the image disk: %w", err)
-		}
-		disk = p.DiskCopy()
-		log.Info("disk copied", "from", p.VM.Disk, "to", disk, "took", time.Since(start).Round(time.Millisecond))
-	}
-	args := []string{"--kernel", p.VM.Kernel, "--cpus", strconv.Itoa(p.VM.CPUs),
-		"--mem", fmt.Sprintf("%dMiB", p.VM.MemBytes>>20), "--cmdline", p.VM.Cmdline,
-		"--vsock", p.VsockPath(), "--console", p.ConsolePath()}
-	if p.VM.Initrd != "" {
-		args = append(args, "--initrd", p.VM.Initrd)
-	}
-	if disk != "" {
-		args = append(args, "--disk", disk)
-	}
+	// Left over from an earlier run of this step: the VMM creates a new
+	// overlay and refuses an existing one.
+	os.Remove(p.DiskOverlay())
 	os.Remove(p.VsockPath())
-	cmd := exec.Command(p.VMM[0], append(p.VMM[1:], args...)...)
+	cmd := exec.Command(p.VMM[0], append(p.VMM[1:], p.VMMArgs()...)...)
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	if err := cg.Start(cmd); err != nil {
@@ -98,41 +84,15 @@ func RunSlice(ctx context.Context, p *Plan, index int, log *slog.Logger) (err er
 		return nil
 	case <-ctx.Done():
 	}
-	syscall.Kill(cmd.Process.Pid, syscall.SIGUSR1)
+	syscall.Kill(cmd.Process.Pid, VMMStopSignal)
 	select {
 	case <-done:
 	case <-time.After(SliceStopGrace):
-		log.Warn("VMM did not stop after SIGUSR1; killing it", "grace", SliceStopGrace)
+		log.Warn("VMM did not stop after its stop signal; killing it", "signal", VMMStopSignal, "grace", SliceStopGrace)
 		syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
 		<-done
 	}
 	return nil
-}
-
-// copySparse copies src to dst keeping holes (cp --sparse=always, with a
-// reflink when the file system can).
-func copySparse(ctx context.Context, src, dst string) error {
-	if _, err := exec.LookPath("cp"); err == nil {
-		out, err := exec.CommandContext(ctx, "cp", "--reflink=auto", "--sparse=always", src, dst).CombinedOutput()
-		if err != nil {
-			return fmt.Errorf("cp %s %s: %v: %s", src, dst, err, out)
-		}
-		return nil
-	}
-	in, err := os.Open(src)
-	if err != nil {
-		return err
-	}
-	defer in.Close()
-	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
-	if err != nil {
-		return err
-	}
-	if _, err := io.Copy(out, in); err != nil {
-		out.Close()
-		return err
-	}
-	return out.Close()
 }
 
 // removeRuntimeDir removes a step's runtime directory, refusing anything

@@ -14,11 +14,8 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/hpcvm/hpcvm/internal/units"
 	launcher "github.com/hpcvm/hpcvm/job-launcher"
 	"github.com/hpcvm/hpcvm/vmm/imagevm"
-	"github.com/hpcvm/hpcvm/vmm/linuxvm"
-	"github.com/hpcvm/hpcvm/vmm/machine"
 )
 
 func init() {
@@ -27,7 +24,6 @@ func init() {
 
 const launchUsage = `usage: hpcvm launch [options] -- COMMAND [ARGS...]
        hpcvm launch slice --plan JSON
-       hpcvm launch vmm [hpcvm vm run options]
 
 The hpcvm SPANK plugin execs this in place of a job's task when the job was
 submitted with --vm-image. It boots the VM on the step's nodes (one
@@ -43,21 +39,23 @@ func launchMain(args []string) int {
 		return launchSlice(args[1:])
 	}
 	if len(args) > 0 && args[0] == "vmm" {
-		return launchVMM(args[1:])
+		// Removed: one VMM command serves both.
+		fmt.Fprintln(os.Stderr, "hpcvm launch vmm: removed; the VMM of a job step is hpcvm vm run --stop-signal=SIGUSR1")
+		return 2
 	}
 	fs := flag.NewFlagSet("hpcvm launch", flag.ContinueOnError)
 	var o launcher.Options
 	fs.StringVar(&o.PolicyDir, "policy-dir", defaultPolicyDir, "site policy `DIR`")
 	fs.StringVar(&o.ImageStore, "image-store", "/var/lib/hpcvm/images", "image store `DIR`")
-	fs.StringVar(&o.RuntimeDir, "runtime-dir", "/run/hpcvm", "node-local `DIR` for per-step sockets, console and disk copy")
+	fs.StringVar(&o.RuntimeDir, "runtime-dir", "/run/hpcvm", "node-local `DIR` for per-step sockets, console and disk overlay")
 	fs.StringVar(&o.Image, "image", "", "image `NAME` (--vm-image)")
 	fs.StringVar(&o.Mem, "mem", "", "guest memory per node (--vm-mem; default: the job's memory per node minus the VMM reserve)")
 	fs.IntVar(&o.CPUs, "cpus", 0, "vCPUs of the VM (--vm-cpus; default: all allocated CPUs)")
 	fs.StringVar(&o.CheckpointInterval, "checkpoint-interval", "", "--vm-checkpoint-interval")
 	fs.StringVar(&o.Console, "console", "", "write the guest console to `FILE` (--vm-console)")
-	fs.StringVar(&o.DiskMode, "disk-mode", launcher.DiskModeCopy, "copy: boot a private writable copy of the image's disk; ro: boot the image's disk read-only (root read-only, /tmp a tmpfs)")
+	fs.StringVar(&o.DiskMode, "disk-mode", launcher.DiskModeCopy, "copy: boot a private writable copy-on-write view of the image's disk (an overlay file, nothing copied); ro: boot the image's disk read-only (root read-only, /tmp a tmpfs)")
 	fs.BoolVar(&o.Batch, "batch", false, "the command is a batch script to stage into the guest")
-	vmm := fs.String("vmm", "", "program the slices run as the VMM, with `hpcvm vm run`'s flags (default: hpcvm launch vmm)")
+	vmm := fs.String("vmm", "", "program the slices run as the VMM, with `hpcvm vm run`'s flags including --stop-signal=SIGUSR1 (default: hpcvm vm run)")
 	bootTimeout := fs.Duration("boot-timeout", imagevm.DefaultBootTimeout, "give up if the guest agent does not answer within this")
 	verbose := fs.Bool("v", false, "log progress to stderr")
 	fs.Usage = func() {
@@ -89,7 +87,7 @@ func launchMain(args []string) int {
 		fmt.Fprintf(os.Stderr, "hpcvm launch: finding this binary: %v\n", err)
 		return 1
 	}
-	o.VMM = []string{self, "launch", "vmm"}
+	o.VMM = []string{self, "vm", "run"}
 	if *vmm != "" {
 		o.VMM = []string{*vmm}
 	}
@@ -200,68 +198,4 @@ func launchSlice(args []string) int {
 		return 1
 	}
 	return 0
-}
-
-// launchVMM is the VMM a slice runs: `hpcvm vm run` with the signals of a
-// job step. Slurm sends SIGTERM to every process of every step of a job at
-// once (scancel, time limit); the VM must outlive that until the launcher
-// has forwarded the SIGTERM to the guest command and the command has
-// ended, so the VMM ignores SIGTERM, SIGINT and SIGHUP and stops on SIGUSR1
-// from its slice (Slurm's final SIGKILL still ends it).
-func launchVMM(args []string) int {
-	fs := flag.NewFlagSet("hpcvm launch vmm", flag.ContinueOnError)
-	kernel := fs.String("kernel", "", "guest kernel")
-	initrd := fs.String("initrd", "", "initial ramdisk")
-	var disks diskFlags
-	fs.Var(&disks, "disk", "virtio-blk disk `PATH[,ro]` (repeatable)")
-	cpus := fs.Int("cpus", 1, "vCPUs")
-	mem := fs.String("mem", "512MiB", "guest memory")
-	cmdline := fs.String("cmdline", linuxvm.DefaultCmdline, "kernel command line")
-	vsock := fs.String("vsock", "", "hybrid vsock Unix socket")
-	console := fs.String("console", "", "serial console file")
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return 0
-		}
-		return 2
-	}
-	memBytes, err := units.ParseSize(*mem)
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "hpcvm launch vmm: --mem: %v\n", err)
-		return 2
-	}
-	// Caught and dropped rather than ignored: an ignored signal stays
-	// ignored in every process started from here.
-	signal.Notify(make(chan os.Signal, 1), syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGUSR1)
-	defer stop()
-	out := os.Stdout
-	if *console != "" {
-		f, err := os.OpenFile(*console, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
-		if err != nil {
-			fmt.Fprintf(os.Stderr, "hpcvm launch vmm: --console: %v\n", err)
-			return 1
-		}
-		defer f.Close()
-		out = f
-	}
-	cfg := linuxvm.Config{Kernel: *kernel, Initrd: *initrd, Cmdline: *cmdline, CPUs: *cpus, MemBytes: memBytes,
-		Disks: disks, VsockPath: *vsock, VsockCID: 3, Console: out,
-		Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))}
-	if err := cfg.Validate(); err != nil {
-		fmt.Fprintf(os.Stderr, "hpcvm launch vmm: %v\n", err)
-		return 1
-	}
-	exit, err := linuxvm.Run(ctx, cfg)
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "hpcvm launch vmm: %v\n", err)
-		return 1
-	}
-	switch {
-	case exit.Kind == machine.ExitPoweroff, exit.Kind == machine.ExitStopped && ctx.Err() != nil:
-		return 0
-	default:
-		fmt.Fprintf(os.Stderr, "hpcvm launch vmm: guest %s: %s\n", exit.Kind, exit.Reason)
-		return 1
-	}
 }

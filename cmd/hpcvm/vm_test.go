@@ -1,11 +1,16 @@
 package main
 
 import (
+	"context"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
+
+	"github.com/hpcvm/hpcvm/vmm/linuxvm"
 )
 
 // runHPCVM runs the hpcvm command (this test binary re-executed as main)
@@ -58,6 +63,10 @@ func TestVMRunRejectsBadInput(t *testing.T) {
 		{"missing initrd", []string{"vm", "run", "--kernel", notKernel, "--initrd", filepath.Join(dir, "nope")}, "--initrd"},
 		{"missing disk", []string{"vm", "run", "--kernel", notKernel, "--disk", filepath.Join(dir, "nope") + ",ro"}, "--disk"},
 		{"bad disk option", []string{"vm", "run", "--kernel", notKernel, "--disk", notKernel + ",fast"}, "unknown disk option"},
+		{"empty overlay", []string{"vm", "run", "--kernel", notKernel, "--disk", notKernel + ",overlay="}, "overlay= needs a file"},
+		{"read-only overlay", []string{"vm", "run", "--kernel", notKernel, "--disk", notKernel + ",ro,overlay=" + filepath.Join(dir, "o")}, "read-only disk needs no overlay"},
+		{"unknown stop signal", []string{"vm", "run", "--kernel", notKernel, "--stop-signal", "SIGBOGUS"}, "--stop-signal: unknown signal"},
+		{"uncatchable stop signal", []string{"vm", "run", "--kernel", notKernel, "--stop-signal", "KILL"}, "cannot be caught"},
 		{"zero cpus", []string{"vm", "run", "--kernel", notKernel, "--cpus", "0"}, "--cpus 0: need at least 1"},
 		{"too many cpus", []string{"vm", "run", "--kernel", notKernel, "--cpus", "999"}, "at most"},
 		{"bad mem", []string{"vm", "run", "--kernel", notKernel, "--mem", "lots"}, "--mem"},
@@ -104,5 +113,86 @@ func TestVMRunHelp(t *testing.T) {
 	code, stderr := runHPCVM(t, "vm", "run", "--help")
 	if code != 0 || !strings.Contains(stderr, "--kernel") || !strings.Contains(stderr, "--vsock") {
 		t.Fatalf("exit %d, help %q", code, stderr)
+	}
+}
+
+func TestDiskFlagOverlay(t *testing.T) {
+	var d diskFlags
+	if err := d.Set("/img/disk.raw,overlay=/run/x/disk.overlay"); err != nil {
+		t.Fatal(err)
+	}
+	if want := (linuxvm.Disk{Path: "/img/disk.raw", Overlay: "/run/x/disk.overlay"}); d[0] != want {
+		t.Errorf("--disk = %+v, want %+v", d[0], want)
+	}
+}
+
+func TestParseSignal(t *testing.T) {
+	for _, v := range []string{"SIGUSR1", "USR1", "sigusr1", "usr1", "10"} {
+		if s, err := parseSignal(v); err != nil || s != syscall.SIGUSR1 {
+			t.Errorf("parseSignal(%q) = %v, %v; want SIGUSR1", v, s, err)
+		}
+	}
+	for _, v := range []string{"", "USR3", "0", "99"} {
+		if s, err := parseSignal(v); err == nil {
+			t.Errorf("parseSignal(%q) = %v, want an error", v, s)
+		}
+	}
+}
+
+// signalSelf sends s to this test process and gives the runtime time to
+// deliver it.
+func signalSelf(t *testing.T, s syscall.Signal) {
+	t.Helper()
+	if err := syscall.Kill(os.Getpid(), s); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(100 * time.Millisecond)
+}
+
+// TestStopSignalsDefault: SIGTERM stops the guest (hpcvm vm run's
+// documented behaviour; the CLI exits 143).
+func TestStopSignalsDefault(t *testing.T) {
+	ctx, got, release := stopSignals(0)
+	defer release()
+	signalSelf(t, syscall.SIGTERM)
+	wantStopped(t, ctx, got, syscall.SIGTERM)
+}
+
+// wantStopped checks that stopSignals's context ended because of sig.
+func wantStopped(t *testing.T, ctx context.Context, got func() (os.Signal, bool), sig syscall.Signal) {
+	t.Helper()
+	select {
+	case <-ctx.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatalf("%v did not stop", sig)
+	}
+	if s, ok := got(); !ok || s != sig {
+		t.Errorf("stopped by %v, %v; want %v", s, ok, sig)
+	}
+}
+
+// TestStopSignalsStopSignal: with --stop-signal SIGUSR1 (the VMM of a job
+// step), SIGTERM, SIGINT and SIGHUP neither stop the guest nor kill the
+// process; SIGUSR1 stops it.
+func TestStopSignalsStopSignal(t *testing.T) {
+	ctx, got, release := stopSignals(syscall.SIGUSR1)
+	defer release()
+	for _, s := range []syscall.Signal{syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP} {
+		signalSelf(t, s)
+		if ctx.Err() != nil {
+			t.Fatalf("%v stopped the guest", s)
+		}
+	}
+	if s, ok := got(); ok {
+		t.Fatalf("stopped by %v before the stop signal", s)
+	}
+	signalSelf(t, syscall.SIGUSR1)
+	wantStopped(t, ctx, got, syscall.SIGUSR1)
+}
+
+func TestLaunchVMMRemoved(t *testing.T) {
+	code, stderr := runHPCVM(t, "launch", "vmm", "--kernel", "/k")
+	if code != 2 || !strings.Contains(stderr, "hpcvm vm run --stop-signal=SIGUSR1") {
+		t.Fatalf("exit %d, stderr %q: want exit 2 naming the replacement", code, stderr)
 	}
 }

@@ -226,8 +226,8 @@ exit $1
 			if m[1] != fmt.Sprint(tc.nodes) || m[2] != "872MiB" {
 				t.Errorf("VM shape cpus=%s mem=%s, want cpus=%d mem=872MiB", m[1], m[2], tc.nodes)
 			}
-			if !strings.HasSuffix(m[3], "/"+id+".batch/disk.raw") {
-				t.Errorf("the VM did not boot a private disk copy: %s", m[3])
+			if base, overlay, _ := strings.Cut(m[3], ",overlay="); !strings.HasSuffix(base, "/fake/disk.raw") || !strings.HasSuffix(overlay, "/"+id+".batch/disk.overlay") {
+				t.Errorf("the VM did not boot the image's disk with a private overlay: %s", m[3])
 			}
 			if !strings.Contains(m[4], "hpcvm-"+id+".batch-0-"+l.ClusterName()) || m[5] != fmt.Sprint(1000<<20) {
 				t.Errorf("VMM cgroup %s with memory limit %s, want hpcvm-%s.batch-0 limited to %d", m[4], m[5], id, 1000<<20)

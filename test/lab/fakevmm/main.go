@@ -1,7 +1,9 @@
-// Command fakevmm stands in for `hpcvm launch vmm` in the host-namespace Slurm
-// lab (test/lab), where nodes are namespaces on this machine and cannot
-// boot a real guest. It accepts the same flags (those of `hpcvm vm run`) and
-// signals (SIGTERM ignored, SIGUSR1 stops), "boots" by serving the real
+// Command fakevmm stands in for `hpcvm vm run --stop-signal=SIGUSR1` in the
+// host-namespace Slurm lab (test/lab), where nodes are namespaces on this
+// machine and cannot boot a real guest. It accepts the same flags (those of
+// `hpcvm vm run`; --stop-signal must be SIGUSR1) and signals (SIGTERM
+// ignored, SIGUSR1 stops), creates a disk's overlay=FILE like the real VMM
+// (the launcher removes it), "boots" by serving the real
 // guest agent (guest/agent/server) on the hybrid vsock socket, so the
 // launcher's whole path (plugin, srun slices, cgroups, agent protocol,
 // signals, cleanup) runs for real while the job's commands run on the node.
@@ -49,8 +51,26 @@ func main() {
 	cmdline := fs.String("cmdline", "", "")
 	vsock := fs.String("vsock", "", "")
 	console := fs.String("console", "", "")
+	stopSignal := fs.String("stop-signal", "", "")
 	fs.Bool("v", false, "")
 	fs.Parse(os.Args[1:])
+	if *stopSignal != "SIGUSR1" {
+		fmt.Fprintf(os.Stderr, "fakevmm: --stop-signal=%q, want SIGUSR1 (the slice stops its VMM with it)\n", *stopSignal)
+		os.Exit(2)
+	}
+	for _, d := range disks {
+		for _, o := range strings.Split(d, ",")[1:] {
+			if f, ok := strings.CutPrefix(o, "overlay="); ok {
+				// The real VMM creates the overlay (O_EXCL) and leaves it.
+				o, err := os.OpenFile(f, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+				if err != nil {
+					fmt.Fprintln(os.Stderr, "fakevmm: overlay:", err)
+					os.Exit(1)
+				}
+				o.Close()
+			}
+		}
+	}
 
 	out := io.Writer(os.Stdout)
 	if *console != "" {
@@ -65,7 +85,7 @@ func main() {
 	cg := cgroupOf()
 	fmt.Fprintf(out, "fakevmm: cpus=%d mem=%s disk=%s cgroup=%s memory_limit=%s\n", *cpus, *mem, strings.Join(disks, ","), cg, memoryLimit(cg))
 
-	// Like `hpcvm launch vmm`: Slurm's SIGTERM is for the guest command,
+	// Like `hpcvm vm run --stop-signal=SIGUSR1`: Slurm's SIGTERM is for the guest command,
 	// the slice stops the VMM with SIGUSR1.
 	// Caught and dropped rather than ignored: an ignored signal stays
 	// ignored in every process started from here.

@@ -337,6 +337,10 @@ func (c *Cluster) startNode(n *Node, a Assets, agent string) error {
 		"-accel", "tcg", "-machine", "q35", "-cpu", "EPYC,+svm,+npt",
 		"-smp", strconv.Itoa(c.cfg.CPUs), "-m", strconv.Itoa(c.cfg.MemMiB),
 		"-nographic", "-nodefaults", "-no-reboot",
+		// A node that resets (a triple fault ends QEMU under -no-reboot)
+		// leaves its CPU state in qemu.log: nodes have died silently while
+		// Debian guests booted in them (docs/testing.md).
+		"-d", "cpu_reset",
 		"-kernel", a.Kernel, "-initrd", a.Initrd,
 		"-chardev", "file,id=con,path=" + n.console, "-serial", "chardev:con",
 		"-fsdev", "local,id=r,path=/,security_model=none,readonly=on",
@@ -418,7 +422,7 @@ func (n *Node) waitReady(ctx context.Context) error {
 		select {
 		case <-n.exited:
 			return fmt.Errorf("virtnode: %s: QEMU exited before the node was ready (%v)\nqemu: %s\nconsole tail:\n%s",
-				n.Name, n.waitErr, n.qemuLog(), n.ConsoleTail(30))
+				n.Name, n.waitErr, n.qemuLogTail(40), n.ConsoleTail(30))
 		case <-ctx.Done():
 			return fmt.Errorf("virtnode: %s not ready: %w\nconsole tail:\n%s", n.Name, ctx.Err(), n.ConsoleTail(30))
 		case <-time.After(20 * time.Millisecond):
@@ -426,9 +430,11 @@ func (n *Node) waitReady(ctx context.Context) error {
 	}
 }
 
-func (n *Node) qemuLog() string {
+// qemuLogTail returns the last lines of QEMU's stderr and -d log.
+func (n *Node) qemuLogTail(lines int) string {
 	b, _ := os.ReadFile(filepath.Join(n.dir, "qemu.log"))
-	return strings.TrimSpace(string(b))
+	l := strings.Split(strings.TrimSpace(string(b)), "\n")
+	return strings.Join(l[max(0, len(l)-lines):], "\n")
 }
 
 // Console returns the node's serial console output so far.
@@ -553,7 +559,8 @@ func (p *Proc) Wait(ctx context.Context) (Result, error) {
 		select {
 		case <-n.exited:
 			return Result{Stdout: p.Stdout(), Stderr: p.Stderr(), ExitCode: -1},
-				fmt.Errorf("virtnode: %s died while running a command\nconsole tail:\n%s", n.Name, n.ConsoleTail(30))
+				fmt.Errorf("virtnode: %s died while running a command (QEMU: %v)\nqemu.log tail:\n%s\nconsole tail:\n%s",
+					n.Name, n.waitErr, n.qemuLogTail(30), n.ConsoleTail(30))
 		case <-ctx.Done():
 			if killedAt.IsZero() {
 				p.Kill()

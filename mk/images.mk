@@ -35,6 +35,8 @@ image-test: agent image-deps
 # kernels' occasional nested-virt failures keep out of `make test`
 # (docs/testing.md). The benchmark boots it too.
 bench: image-debian12
+# TestRun's tiny image carries the real agent.
+e2e: agent
 
 .PHONY: e2e-images
 e2e-images: build node-assets guest-kernel guest-initramfs image-debian12

@@ -105,11 +105,7 @@ func TestBoot(t *testing.T) {
 }
 
 func bootAndCheck(t *testing.T, r guestvm.Runner, bin string, kc kernelCase, cpus int, disk testDisk) {
-	run, vsockErr, hung := bootOnce(t, r, bin, kc, cpus, disk)
-	why := platformFailure(run, hung)
-	if hung && vsockErr != "" {
-		why = "vsock: " + vsockErr
-	}
+	run, vsockErr, why := bootOnce(t, r, bin, kc, cpus, disk)
 	if why != "" {
 		// Failures seen in virt nodes (docs/testing.md, "Pitfalls"); a
 		// deterministic VMM bug fails again.
@@ -121,9 +117,10 @@ func bootAndCheck(t *testing.T, r guestvm.Runner, bin string, kc kernelCase, cpu
 }
 
 // bootOnce boots the guest, echoes over vsock and stops it; it returns the
-// run and a description of what went wrong with vsock ("" if nothing).
-// hung: no userspace within bootLimit, or a VMM that would not die.
-func bootOnce(t *testing.T, r guestvm.Runner, bin string, kc kernelCase, cpus int, disk testDisk) (run guestvm.Run, vsockErr string, hung bool) {
+// run, a description of what went wrong with vsock ("" if nothing) and, for
+// the failures seen in virt nodes that deserve one more boot (a triple
+// fault, no userspace within bootLimit, a VMM that would not die), why.
+func bootOnce(t *testing.T, r guestvm.Runner, bin string, kc kernelCase, cpus int, disk testDisk) (run guestvm.Run, vsockErr, retryWhy string) {
 	ctx := testCtx(t)
 	sock := fmt.Sprintf("/run/e2e-%s-%d.vsock", kc.name, cpus)
 	vm := guestvm.VM{
@@ -147,7 +144,7 @@ func bootOnce(t *testing.T, r guestvm.Runner, bin string, kc kernelCase, cpus in
 		p.Kill()
 		res, _ := p.Wait(ctx)
 		run, _ = guestvm.Parse(res)
-		return run, "", true
+		return run, "", fmt.Sprintf("the guest showed no userspace within %v", bootLimit)
 	}
 
 	// vsock: wait for the guest's server, echo random bytes, then ask it to stop.
@@ -178,13 +175,16 @@ func bootOnce(t *testing.T, r guestvm.Runner, bin string, kc kernelCase, cpus in
 	wcancel()
 	run, perr := guestvm.Parse(res)
 	if err != nil && vsockErr != "" {
-		return run, vsockErr + "; the VMM did not exit when killed", true
+		return run, vsockErr, "vsock: " + vsockErr + "; the VMM did not exit when killed"
 	}
 	if err != nil || perr != nil {
 		t.Fatalf("running hpcvm: %v %v\n%s", err, perr, dump(run))
 	}
 	logRun(t, "hpcvm", run)
-	return run, vsockErr, false
+	if guestvm.PlatformReset(run) {
+		return run, vsockErr, "the guest triple-faulted"
+	}
+	return run, vsockErr, ""
 }
 
 func checkBoot(t *testing.T, kc kernelCase, cpus int, disk testDisk, run guestvm.Run, vsockErr string) {

@@ -255,7 +255,7 @@ func TestRun(t *testing.T) {
 		if err != nil {
 			t.Fatalf("%v\n%s", err, res)
 		}
-		if res.ExitCode != 3 && strings.Contains(n.MustRun(t, ctx, "tail -c 4000 "+data.dir+"/err"), "triple fault (KVM_EXIT_SHUTDOWN)") {
+		if res.ExitCode != 3 && guestvm.TripleFaulted(n.MustRun(t, ctx, "tail -c 4000 "+data.dir+"/err")) {
 			// A known nested-virtualization failure of virt nodes
 			// (docs/testing.md, guestvm.PlatformReset); a VMM bug would
 			// reset again.

@@ -278,5 +278,10 @@ func Quote(args []string) string {
 // the reference QEMU microvm as under hpcvm (docs/testing.md), so tests may
 // boot once more; a second reset is a failure.
 func PlatformReset(r Run) bool {
-	return strings.Contains(r.Stderr, "triple fault (KVM_EXIT_SHUTDOWN)")
+	return TripleFaulted(r.Stderr)
+}
+
+// TripleFaulted reports whether hpcvm's stderr says the guest triple-faulted.
+func TripleFaulted(stderr string) bool {
+	return strings.Contains(stderr, "triple fault (KVM_EXIT_SHUTDOWN)")
 }

@@ -76,6 +76,12 @@ func setLVT(l *kvm.LAPICState, off int, mode uint32) {
 // cpuidFor adapts KVM's supported CPUID to vCPU id of n: APIC id, logical
 // processor counts and topology leaves, so the guest sees n single-thread
 // cores in one package.
+//
+// noNestedVirt: guests see neither VMX nor SVM, as under Firecracker. A job
+// does not run VMs of its own, and with the bit Debian's udev loads kvm_amd
+// in every guest; in virt nodes (KVM inside QEMU TCG) that is a third level
+// of virtualization, and node kernels died of stack overflows in KVM_RUN
+// under such guests (docs/testing.md).
 func cpuidFor(supported []kvm.CPUIDEntry, id, n int) []kvm.CPUIDEntry {
 	shift := uint32(bits.Len(uint(n - 1))) // APIC-id bits for the core level
 	out := make([]kvm.CPUIDEntry, 0, len(supported))
@@ -84,6 +90,7 @@ func cpuidFor(supported []kvm.CPUIDEntry, id, n int) []kvm.CPUIDEntry {
 		case 1:
 			e.EBX = e.EBX&0x0000FFFF | uint32(id)<<24 | uint32(n&0xff)<<16
 			e.ECX |= 1 << 31 // running under a hypervisor
+			e.ECX &^= 1 << 5 // no VMX: see noNestedVirt
 			if n > 1 {
 				e.EDX |= 1 << 28 // HTT: EBX[23:16] is valid
 			}
@@ -102,6 +109,8 @@ func cpuidFor(supported []kvm.CPUIDEntry, id, n int) []kvm.CPUIDEntry {
 				e.EAX, e.EBX, e.ECX = 0, 0, e.Index
 			}
 			e.EDX = uint32(id)
+		case 0x80000001:
+			e.ECX &^= 1 << 2 // no SVM: see noNestedVirt
 		case 0x80000008: // AMD: number of cores - 1 and APIC-id core bits
 			e.ECX = e.ECX&^0xF0FF | uint32(n-1)&0xff | shift<<12
 		}

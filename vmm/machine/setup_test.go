@@ -50,3 +50,17 @@ func TestFixXSaveDropsAVXStateWithoutAVX(t *testing.T) {
 		t.Errorf("consistent leaf 0xD changed: %+v", got)
 	}
 }
+
+func TestCPUIDHidesNestedVirtualization(t *testing.T) {
+	sup := []kvm.CPUIDEntry{
+		{Function: 1, ECX: 1<<5 | 1<<0},          // VMX, SSE3
+		{Function: 0x80000001, ECX: 1<<2 | 1<<0}, // SVM, LAHF
+	}
+	got := cpuidFor(sup, 0, 1)
+	if got[0].ECX&(1<<5) != 0 || got[0].ECX&1 == 0 {
+		t.Errorf("leaf 1 ecx %#x: want VMX cleared and SSE3 kept", got[0].ECX)
+	}
+	if got[1].ECX != 1 {
+		t.Errorf("leaf 0x80000001 ecx %#x: want SVM cleared and LAHF kept", got[1].ECX)
+	}
+}

@@ -176,6 +176,9 @@ func (d *Device) Notify(int) {
 // Reset implements virtio.Device: every connection is dropped.
 func (d *Device) Reset() {
 	d.call(func() {
+		if len(d.conns) > 0 {
+			d.log.Info("vsock: the guest reset the device: dropping its connections", "connections", len(d.conns))
+		}
 		d.dropAll()
 		d.env = nil
 	})
@@ -451,6 +454,11 @@ func (d *Device) fromGuest(h Header, payload []byte) {
 	c := d.conns[k]
 	if h.Op == OpRst {
 		if c != nil {
+			if c.state == stateEstablished {
+				// Refusals (nothing listens yet) are routine while a guest boots; an
+				// established connection reset by the guest is worth knowing about.
+				d.log.Info("vsock: guest reset the connection", "host_port", k.local, "guest_port", k.peer)
+			}
 			d.remove(c)
 		}
 		return
@@ -467,8 +475,7 @@ func (d *Device) fromGuest(h Header, payload []byte) {
 	}
 	if h.Op == OpRequest {
 		if c != nil {
-			d.log.Warn("vsock: guest reused a live connection's ports", "host_port", k.local, "guest_port", k.peer)
-			d.reset(c)
+			d.reset(c, "guest reused a live connection's ports")
 			return
 		}
 		d.dial(k, h)
@@ -481,7 +488,7 @@ func (d *Device) fromGuest(h Header, payload []byte) {
 	switch h.Op {
 	case OpResponse:
 		if c.state != stateConnecting {
-			d.reset(c)
+			d.reset(c, "guest sent RESPONSE on a connection not being opened")
 			return
 		}
 		c.timer.Stop()
@@ -490,13 +497,12 @@ func (d *Device) fromGuest(h Header, payload []byte) {
 		c.startReader(d)
 	case OpRW:
 		if c.state != stateEstablished || c.peerShutdown&ShutdownSend != 0 {
-			d.reset(c)
+			d.reset(c, "guest sent data on a connection not open for it")
 			return
 		}
 		c.rxCnt += h.Len
 		if c.rxCnt-c.fwdCnt > d.cfg.BufAlloc {
-			d.log.Warn("vsock: guest overran the advertised receive buffer", "host_port", k.local, "guest_port", k.peer)
-			d.reset(c)
+			d.reset(c, "guest overran the advertised receive buffer")
 			return
 		}
 		if len(payload) > 0 {
@@ -513,7 +519,7 @@ func (d *Device) fromGuest(h Header, payload []byte) {
 		}
 		d.maybeFinish(c)
 	default:
-		d.reset(c)
+		d.reset(c, fmt.Sprintf("guest sent unknown operation %d", h.Op))
 	}
 }
 
@@ -537,8 +543,12 @@ func (d *Device) maybeFinish(c *conn) {
 	}
 }
 
-// reset aborts c towards the guest (RST) and the host (close).
-func (d *Device) reset(c *conn) {
+// reset aborts c towards the guest (RST) and the host (close). A reason
+// other than "" is a protocol or I/O problem worth a warning.
+func (d *Device) reset(c *conn, reason string) {
+	if reason != "" {
+		d.log.Warn("vsock: resetting connection: "+reason, "host_port", c.key.local, "guest_port", c.key.peer)
+	}
 	d.queue(c.key, OpRst, 0)
 	d.remove(c)
 }
@@ -573,7 +583,7 @@ func (d *Device) dialed(c *conn, nc net.Conn, err error, path string) {
 	}
 	if err != nil {
 		d.log.Info("vsock: guest connection refused: nothing listens on the host socket", "path", path, "guest_port", c.key.peer, "err", err)
-		d.reset(c)
+		d.reset(c, "")
 		return
 	}
 	c.state = stateEstablished
@@ -604,7 +614,7 @@ func (d *Device) hostConnect(hc *handshake) {
 			if d.conns[k] == c && c.state == stateConnecting {
 				// Common while a guest boots and clients poll for its agent: debug.
 				d.log.Debug("vsock: guest did not accept the connection in time", "guest_port", k.peer, "timeout", d.cfg.ConnectTimeout)
-				d.reset(c)
+				d.reset(c, "")
 			}
 		})
 	})
@@ -664,14 +674,14 @@ func (d *Device) hostWriteFailed(c *conn, err error) {
 		return
 	}
 	d.log.Info("vsock: host side of connection closed", "host_port", c.key.local, "guest_port", c.key.peer, "err", err)
-	d.reset(c)
+	d.reset(c, "")
 }
 
 func (d *Device) finished(c *conn) {
 	if d.conns[c.key] != c {
 		return
 	}
-	d.reset(c)
+	d.reset(c, "")
 }
 
 // StateVersion is the current version of State.

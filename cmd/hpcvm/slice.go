@@ -14,6 +14,7 @@ import (
 	"os/signal"
 	"runtime"
 	"strconv"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -21,6 +22,7 @@ import (
 
 	"github.com/hpcvm/hpcvm/internal/units"
 	"github.com/hpcvm/hpcvm/vmm/dsm"
+	"github.com/hpcvm/hpcvm/vmm/linuxvm"
 	"github.com/hpcvm/hpcvm/vmm/machine"
 	"github.com/hpcvm/hpcvm/vmm/memory"
 	"github.com/hpcvm/hpcvm/vmm/microguest"
@@ -44,6 +46,16 @@ type sliceOpts struct {
 	results   []uint64 // guest-physical addresses printed at the end (slice 0)
 	timeout   time.Duration
 	verbose   bool
+	linux     *sliceLinux // a Linux guest instead of a micro-guest
+}
+
+// sliceLinux is the Linux guest of `hpcvm slice --kernel`.
+type sliceLinux struct {
+	kernel, initrd, cmdline string
+	disks                   diskFlags
+	vsock                   string
+	cid                     uint64
+	console                 string
 }
 
 // sliceOutput is what a slice prints on stdout (one JSON object) when it
@@ -84,7 +96,8 @@ func (a *addrList) Set(v string) error {
 
 func sliceUsage(fs *flag.FlagSet) {
 	fmt.Fprintf(fs.Output(), `usage: hpcvm slice --id N --peers HOST:PORT,... --vm-id ID --secret-file F --placement P
-                   (--builtin NAME [--iters N] | --program FILE [--result ADDR]...) [--mem SIZE]
+                   (--builtin NAME [--iters N] | --program FILE [--result ADDR]... |
+                    --kernel K [--initrd I] [--cmdline S] [--disk D]... [--vsock S] [--console F]) [--mem SIZE]
 
 Runs slice N of a distributed VM: the vCPUs the placement gives it, over guest memory kept
 coherent with the other slices over authenticated TCP (docs/dsm.md). The launcher starts one
@@ -92,7 +105,10 @@ slice per node with identical options except --id (and --listen).
 
 The guest is a micro-guest (x86-64 code started at CPL3 in long mode on every vCPU with
 RDI = vCPU id and RSI = vCPU count; port 0x%x reports a value, port 0x%x marks the vCPU done).
-When every vCPU is done, slice 0 reads the --result addresses and all slices stop. Each slice
+When every vCPU is done, slice 0 reads the --result addresses and all slices stop.
+
+With --kernel the guest is Linux: slice 0 loads it and hosts every device, vCPU 0 must be on
+slice 0, and the VM stops on every slice when the guest powers off or resets. Each slice
 prints one JSON object on stdout. Exit status: 0 when the VM finished, 1 on failure (a lost
 slice is named), 2 on bad options.
 
@@ -110,6 +126,9 @@ type sliceFlags struct {
 	builtin, program, timeout                       *string
 	results                                         addrList
 	verbose                                         *bool
+	kernel, initrd, cmdline, vsock, console         *string
+	disks                                           diskFlags
+	cid                                             *uint64
 }
 
 func newSliceFlags() *sliceFlags {
@@ -126,6 +145,13 @@ func newSliceFlags() *sliceFlags {
 	f.iters = fs.Int("iters", 1000, "iterations for --builtin (`N` >= 1)")
 	f.program = fs.String("program", "", "run the micro-guest code in `FILE` (raw x86-64 bytes loaded at 0x10000)")
 	fs.Var(&f.results, "result", "print the qword at guest-physical `ADDR` when done (repeatable; --builtin adds its own)")
+	f.kernel = fs.String("kernel", "", "boot the Linux `KERNEL` (bzImage or PVH vmlinux) instead of a micro-guest; read by slice 0 only")
+	f.initrd = fs.String("initrd", "", "initial ramdisk `FILE` of --kernel (slice 0)")
+	f.cmdline = fs.String("cmdline", linuxvm.DefaultCmdline, "kernel command line of --kernel")
+	fs.Var(&f.disks, "disk", "virtio-blk disk `PATH[,ro|,overlay=FILE]` of --kernel on slice 0 (repeatable)")
+	f.vsock = fs.String("vsock", "", "Unix `SOCKET` of the guest's virtio-vsock device on slice 0 (hybrid protocol, as hpcvm vm run)")
+	f.cid = fs.Uint64("vsock-cid", 3, "guest vsock context ID")
+	f.console = fs.String("console", "", "write the guest's serial console to `FILE` (slice 0; default: stderr)")
 	f.timeout = fs.String("timeout", "0", "stop with an error after `DURATION` (e.g. 10m; 0: no limit)")
 	f.verbose = fs.Bool("v", false, "log protocol events to stderr")
 	fs.Usage = func() { sliceUsage(fs) }
@@ -201,13 +227,34 @@ func parseSliceArgs(args []string) (*sliceOpts, error) {
 	if o.memBytes, err = units.ParseSize(*mem); err != nil {
 		return nil, fmt.Errorf("--mem: %w", err)
 	}
-	if o.memBytes < microguest.MinMemory || o.memBytes%memory.PageSize != 0 {
+	if *f.kernel != "" {
+		if *builtin != "" || *program != "" {
+			return nil, errors.New("--kernel and --builtin/--program are mutually exclusive")
+		}
+		if len(results) > 0 {
+			return nil, errors.New("--result is for micro-guests, not --kernel")
+		}
+		o.linux = &sliceLinux{kernel: *f.kernel, initrd: *f.initrd, cmdline: *f.cmdline, disks: f.disks,
+			vsock: *f.vsock, cid: *f.cid, console: *f.console}
+		o.guest = *f.kernel
+		if o.placement[0] == nil || !slices.Contains(o.placement[0], 0) {
+			return nil, errors.New("--placement: vCPU 0 (the boot processor) must be on slice 0 with --kernel")
+		}
+	} else if len(f.disks) > 0 || *f.initrd != "" || *f.vsock != "" || *f.console != "" {
+		return nil, errors.New("--initrd, --disk, --vsock and --console need --kernel")
+	}
+	if o.linux != nil {
+		if o.memBytes < linuxvm.MinMemBytes || o.memBytes%memory.PageSize != 0 {
+			return nil, fmt.Errorf("--mem %s: a Linux guest needs a multiple of 4KiB and at least %s", *mem, units.FormatSize(linuxvm.MinMemBytes))
+		}
+	} else if o.memBytes < microguest.MinMemory || o.memBytes%memory.PageSize != 0 {
 		return nil, fmt.Errorf("--mem %s: must be a multiple of 4KiB and at least %s", *mem, units.FormatSize(microguest.MinMemory))
 	}
 	if o.timeout, err = units.ParseDuration(*timeout); err != nil {
 		return nil, fmt.Errorf("--timeout: %w", err)
 	}
 	switch {
+	case o.linux != nil:
 	case *builtin != "" && *program != "":
 		return nil, errors.New("--builtin and --program are mutually exclusive")
 	case *builtin != "":
@@ -230,7 +277,7 @@ func parseSliceArgs(args []string) (*sliceOpts, error) {
 		}
 		o.code, o.guest = code, *program
 	default:
-		return nil, errors.New("a guest is required: --builtin NAME or --program FILE")
+		return nil, errors.New("a guest is required: --builtin NAME, --program FILE or --kernel FILE")
 	}
 	for _, a := range o.results {
 		if a+8 > o.memBytes {
@@ -319,6 +366,9 @@ func runSlice(o *sliceOpts, stdout io.Writer) int {
 		ctx, cancel = context.WithTimeoutCause(ctx, o.timeout, fmt.Errorf("--timeout %v reached", o.timeout))
 		defer cancel()
 	}
+	if o.linux != nil {
+		return runLinuxSlice(ctx, o, ln, lg, stdout)
+	}
 	rep := &reportDev{}
 	var results []sliceResult
 	cfg := dsm.SliceConfig{
@@ -352,6 +402,46 @@ func runSlice(o *sliceOpts, stdout io.Writer) int {
 	if o.id == 0 {
 		out.Results = results
 	}
+	if err != nil {
+		out.Error = err.Error()
+	}
+	json.NewEncoder(stdout).Encode(out)
+	if err != nil || res.Exit.Kind != machine.ExitPoweroff {
+		msg := res.Exit.Reason
+		if err != nil {
+			msg = err.Error()
+		}
+		fmt.Fprintf(os.Stderr, "hpcvm slice %d: %s\n", o.id, msg)
+		return 1
+	}
+	return 0
+}
+
+// runLinuxSlice runs slice o.id of a Linux guest: slice 0 loads the kernel
+// and hosts the devices, every slice runs its vCPUs (docs/dsm.md).
+func runLinuxSlice(ctx context.Context, o *sliceOpts, ln net.Listener, lg *slog.Logger, stdout io.Writer) int {
+	var console io.Writer = os.Stderr
+	if o.linux.console != "" && o.id == 0 {
+		f, err := os.OpenFile(o.linux.console, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
+		if err != nil {
+			ln.Close()
+			fmt.Fprintf(os.Stderr, "hpcvm slice %d: --console: %v\n", o.id, err)
+			return 1
+		}
+		defer f.Close()
+		console = f
+	}
+	l := o.linux
+	cfg := linuxvm.SliceConfig{
+		VM: linuxvm.Config{Kernel: l.kernel, Initrd: l.initrd, Cmdline: l.cmdline, MemBytes: o.memBytes,
+			Disks: l.disks, VsockPath: l.vsock, VsockCID: uint32(l.cid), Console: console, Logger: lg},
+		Transport: dsm.TransportConfig{ID: o.id, Addrs: o.peers, Listener: ln, VMID: o.vmID, Secret: o.secret, Logger: lg},
+		Placement: o.placement,
+	}
+	start := time.Now()
+	res, err := linuxvm.RunSlice(ctx, cfg)
+	out := sliceOutput{Slice: o.id, Exit: res.Exit.Kind.String(), Reason: res.Exit.Reason, Stats: res.Stats,
+		VCPUs: o.placement[o.id], Elapsed: time.Since(start).Round(time.Millisecond).String(), Reports: []uint32{}}
 	if err != nil {
 		out.Error = err.Error()
 	}

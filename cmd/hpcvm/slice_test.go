@@ -80,6 +80,11 @@ func TestSliceRejectsBadInput(t *testing.T) {
 		{"result align", base("--result", "0x100001"), "not 8-byte aligned"},
 		{"timeout", base("--timeout", "5"), "--timeout"},
 		{"listen", base("--listen", "nonsense"), "--listen"},
+		{"kernel and builtin", base("--kernel", prog), "--kernel and --builtin/--program are mutually exclusive"},
+		{"kernel and result", base("--builtin", "", "--kernel", prog, "--result", "0x1000"), "--result is for micro-guests"},
+		{"kernel boot cpu elsewhere", base("--builtin", "", "--kernel", prog, "--placement", "1/0"), "vCPU 0 (the boot processor) must be on slice 0"},
+		{"kernel mem", base("--builtin", "", "--kernel", prog, "--mem", "16MiB"), "a Linux guest needs"},
+		{"initrd without kernel", base("--initrd", prog), "need --kernel"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -91,6 +96,9 @@ func TestSliceRejectsBadInput(t *testing.T) {
 	}
 	if _, err := parseSliceArgs(base()); err != nil {
 		t.Fatalf("good options rejected: %v", err)
+	}
+	if o, err := parseSliceArgs(base("--builtin", "", "--kernel", prog, "--mem", "256MiB")); err != nil || o.linux == nil || o.linux.kernel != prog {
+		t.Fatalf("good --kernel options: %+v, %v", o, err)
 	}
 	if code, stderr := runHPCVM(t, append([]string{"slice"}, base("--placement", "0")...)...); code != 2 || !strings.Contains(stderr, "--placement") {
 		t.Fatalf("hpcvm slice with a bad placement: exit %d, stderr %q; want 2 naming --placement", code, stderr)

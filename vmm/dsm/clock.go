@@ -110,3 +110,17 @@ func (s *sliceRun) setGuestTSC(c *kvm.VCPU, khz uint64) error {
 	}
 	return nil
 }
+
+// setKVMClock makes the VM's kvmclock read the guest clock (ns since the
+// epoch on slice 0's clock), so that every slice's kvmclock agrees: KVM
+// would otherwise start each VM's kvmclock near 0 when it is created.
+func (s *sliceRun) setKVMClock(vm *kvm.VM) error {
+	ns := monotonicNow() + s.clock.offset - s.clock.epoch
+	if ns < 0 {
+		ns = 0
+	}
+	if err := vm.SetClock(kvm.ClockData{Clock: uint64(ns)}); err != nil {
+		return fmt.Errorf("dsm: slice %d: %w", s.id, err)
+	}
+	return nil
+}

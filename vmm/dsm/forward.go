@@ -40,7 +40,7 @@ func (h *sliceHooks) HandleExit(c *kvm.VCPU, e *kvm.Exit) (bool, error) {
 	s := h.s
 	switch e.Reason {
 	case kvm.ExitIO:
-		if e.IOWrite && e.Port == s.cfg.DonePort {
+		if e.IOWrite && s.cfg.DonePort != 0 && e.Port == s.cfg.DonePort {
 			// The vCPU has finished: perform the write, then park it
 			// (a finished micro-guest spins, which costs a host CPU).
 			if s.id == 0 {

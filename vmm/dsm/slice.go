@@ -30,7 +30,8 @@ type SliceConfig struct {
 	Loader machine.Loader
 	// DonePort: each vCPU writes it once when finished (its thread is
 	// then parked). When every vCPU has, slice 0 calls Finish and stops
-	// the VM on all slices.
+	// the VM on all slices. 0: none (an OS guest stops through its
+	// devices, Home.Stop).
 	DonePort uint16
 	// Setup runs on slice 0 only and attaches the VM's devices: they all
 	// live on slice 0 (the home), and the other slices forward their
@@ -56,6 +57,10 @@ type Home struct {
 	// MSI sends a message-signalled interrupt to whichever slice runs
 	// its target vCPU.
 	MSI func(addr uint64, data uint32)
+	// Stop ends the VM on every slice in order (a guest's poweroff or
+	// reset register); slice 0's RunSlice then returns kind and reason,
+	// the other slices ExitPoweroff with the reason. It does not block.
+	Stop func(kind machine.ExitKind, reason string)
 }
 
 // SliceResult is the outcome of RunSlice.
@@ -106,6 +111,7 @@ type sliceRun struct {
 	stop     *machine.Exit // requested before the machine existed
 	acks     int           // slice 0: shutdown acks
 	finished bool
+	final    *machine.Exit // slice 0: how the VM ends once every slice acked
 }
 
 func (s *sliceRun) stopVM(kind machine.ExitKind, reason string, err error) {
@@ -203,19 +209,25 @@ func RunSlice(ctx context.Context, cfg SliceConfig) (SliceResult, error) {
 	}
 	defer m.Close()
 	defer s.retireMachine() // before m.Close
+	if err := s.setKVMClock(m.VM()); err != nil {
+		return SliceResult{}, err
+	}
 	if err := m.VM().TrapMSRs(msrTSCDeadline); err != nil {
 		s.log.Warn("dsm: no TSC-deadline timer (IA32_TSC_DEADLINE cannot be trapped)", "err", err)
 	}
 	if s.id == 0 {
-		if err := m.IO.Register("dsm-done", uint64(cfg.DonePort), 1, &doneDev{s: s}); err != nil {
-			return SliceResult{}, err
+		if cfg.DonePort != 0 {
+			if err := m.IO.Register("dsm-done", uint64(cfg.DonePort), 1, &doneDev{s: s}); err != nil {
+				return SliceResult{}, err
+			}
 		}
 		if err := m.MMIO.Register("ioapic", layout.IOAPICAddr, irqchip.IOAPICSize, s.irq.ioapic); err != nil {
 			return SliceResult{}, err
 		}
 		if cfg.Setup != nil {
 			h := &Home{Machine: m, Memory: s.node, IOAPIC: s.irq.ioapic,
-				MSI: func(addr uint64, data uint32) { s.irq.deliver(irqchip.MSIMessage(addr, data)) }}
+				MSI:  func(addr uint64, data uint32) { s.irq.deliver(irqchip.MSIMessage(addr, data)) },
+				Stop: func(kind machine.ExitKind, reason string) { go s.stopAll(kind, reason) }}
 			if err := cfg.Setup(h); err != nil {
 				return SliceResult{}, err
 			}
@@ -307,9 +319,14 @@ func (s *sliceRun) control(from int, m *Msg) {
 		s.mu.Lock()
 		s.acks++
 		all := s.acks == s.n-1
+		final := s.final
 		s.mu.Unlock()
 		if all {
-			s.stopVM(machine.ExitPoweroff, "all slices done", nil)
+			if final != nil {
+				s.stopVM(final.Kind, final.Reason, nil)
+			} else {
+				s.stopVM(machine.ExitPoweroff, "all slices done", nil)
+			}
 		}
 	default:
 		s.node.fail(fmt.Errorf("%w: unexpected %v from slice %d", ErrProtocol, m.Type, from))
@@ -338,6 +355,26 @@ func (s *sliceRun) finish() {
 	}
 	if ferr != nil {
 		s.stopFinished(ferr)
+	}
+}
+
+// stopAll (slice 0) ends the VM on every slice: shutdown to the others,
+// and once all acknowledged, slice 0 stops with kind and reason.
+func (s *sliceRun) stopAll(kind machine.ExitKind, reason string) {
+	s.mu.Lock()
+	if s.final != nil {
+		s.mu.Unlock()
+		return // already stopping
+	}
+	s.final = &machine.Exit{Kind: kind, Reason: reason}
+	s.mu.Unlock()
+	if s.n == 1 {
+		s.stopVM(kind, reason, nil)
+		return
+	}
+	s.tr.SetClosing()
+	for j := 1; j < s.n; j++ {
+		s.node.send(j, &Msg{Type: MsgShutdown, Text: reason})
 	}
 }
 

@@ -136,6 +136,22 @@ func hostMemory() (uint64, error) {
 	return 0, errors.New("MemTotal not found in /proc/meminfo")
 }
 
+// newLoader loads cfg's kernel. Virtio devices are described in the ACPI
+// DSDT (as Firecracker and QEMU microvm do), not with virtio_mmio.device=
+// on the command line: distribution kernels such as Debian's are built
+// without that option.
+func newLoader(cfg *Config, legacy acpi.Legacy) *loader {
+	var acpiDevs []acpi.MMIODevice
+	nvirtio := len(cfg.Disks)
+	if cfg.VsockPath != "" {
+		nvirtio++
+	}
+	for i := 0; i < nvirtio; i++ {
+		acpiDevs = append(acpiDevs, acpi.MMIODevice{Addr: layout.VirtioMMIOAddr(i), Size: layout.VirtioMMIOSize, IRQ: layout.VirtioIRQ(i)})
+	}
+	return &loader{cfg: boot.Config{KernelPath: cfg.Kernel, InitrdPath: cfg.Initrd, Cmdline: strings.TrimSpace(cfg.Cmdline), Legacy: legacy, Devices: acpiDevs}}
+}
+
 // loader adapts vmm/boot to machine.Loader.
 type loader struct {
 	cfg   boot.Config
@@ -199,25 +215,13 @@ func Run(ctx context.Context, cfg Config) (machine.Exit, error) {
 	if cfg.Console == nil {
 		cfg.Console = io.Discard
 	}
-	// Virtio devices are described in the ACPI DSDT (as Firecracker and
-	// QEMU microvm do), not with virtio_mmio.device= on the command line:
-	// distribution kernels such as Debian's are built without that option.
-	var acpiDevs []acpi.MMIODevice
-	nvirtio := len(cfg.Disks)
-	if cfg.VsockPath != "" {
-		nvirtio++
-	}
-	for i := 0; i < nvirtio; i++ {
-		acpiDevs = append(acpiDevs, acpi.MMIODevice{Addr: layout.VirtioMMIOAddr(i), Size: layout.VirtioMMIOSize, IRQ: layout.VirtioIRQ(i)})
-	}
-	ld := &loader{cfg: boot.Config{KernelPath: cfg.Kernel, InitrdPath: cfg.Initrd, Cmdline: strings.TrimSpace(cfg.Cmdline), Legacy: legacyDevices, Devices: acpiDevs}}
-	m, err := machine.New(machine.Config{CPUs: cfg.CPUs, MemBytes: cfg.MemBytes, InKernelIRQChip: true, Loader: ld, Logger: cfg.Logger})
+	m, err := machine.New(machine.Config{CPUs: cfg.CPUs, MemBytes: cfg.MemBytes, InKernelIRQChip: true, Loader: newLoader(&cfg, legacyDevices), Logger: cfg.Logger})
 	if err != nil {
 		return machine.Exit{}, err
 	}
 	defer m.Close()
 	console := &panicWatch{w: cfg.Console}
-	devs, err := attachDevices(m, &cfg, console)
+	devs, err := attachDevices(machinePlatform(m), &cfg, console)
 	if err != nil {
 		return machine.Exit{}, err
 	}

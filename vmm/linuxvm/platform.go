@@ -9,31 +9,28 @@ import (
 	"github.com/hpcvm/hpcvm/vmm/devices/virtio"
 	"github.com/hpcvm/hpcvm/vmm/devices/virtio/vsock"
 	"github.com/hpcvm/hpcvm/vmm/layout"
-	"github.com/hpcvm/hpcvm/vmm/machine"
 )
 
 // attachPlatform wires the ACPI sleep/reset registers (guest poweroff and
 // reboot), the i8042 reset line (reboot=k) and vsock.
-func attachPlatform(m *machine.Machine, d *devices, cfg *Config) error {
-	poweroff := func() { m.Stop(machine.ExitPoweroff, "guest powered off", nil) }
-	reset := func() { m.Stop(machine.ExitReset, "guest requested a reset (reboot)", nil) }
-	pm := acpipm.New(poweroff, reset, cfg.Logger)
-	if err := m.IO.Register("acpi-pm", layout.ACPIPM1aEventPort, acpipm.Size, pm); err != nil {
+func attachPlatform(p platform, d *devices, cfg *Config) error {
+	pm := acpipm.New(p.poweroff, p.reset, cfg.Logger)
+	if err := p.io.Register("acpi-pm", layout.ACPIPM1aEventPort, acpipm.Size, pm); err != nil {
 		return err
 	}
-	data, cmd := i8042.New(reset, cfg.Logger).Ports()
-	if err := m.IO.Register("i8042-data", layout.I8042DataPort, 1, data); err != nil {
+	data, cmd := i8042.New(p.reset, cfg.Logger).Ports()
+	if err := p.io.Register("i8042-data", layout.I8042DataPort, 1, data); err != nil {
 		return err
 	}
-	if err := m.IO.Register("i8042-cmd", layout.I8042CommandPort, 1, cmd); err != nil {
+	if err := p.io.Register("i8042-cmd", layout.I8042CommandPort, 1, cmd); err != nil {
 		return err
 	}
-	return attachVsock(m, d, cfg)
+	return attachVsock(p, d, cfg)
 }
 
 // attachVsock adds the virtio-vsock device with its hybrid Unix-socket
 // backend. It is the virtio device after the disks (see Run's cmdline).
-func attachVsock(m *machine.Machine, d *devices, cfg *Config) error {
+func attachVsock(p platform, d *devices, cfg *Config) error {
 	if cfg.VsockPath == "" {
 		return nil
 	}
@@ -45,12 +42,12 @@ func attachVsock(m *machine.Machine, d *devices, cfg *Config) error {
 		return fmt.Errorf("--vsock %s: %w", cfg.VsockPath, err)
 	}
 	idx := len(cfg.Disks)
-	irq, err := m.IRQ(layout.VirtioIRQ(idx))
+	irq, err := p.irq(layout.VirtioIRQ(idx))
 	if err != nil {
 		dev.Close()
 		return err
 	}
-	t := virtio.NewMMIO(dev, m.RAM(), irq, cfg.Logger)
+	t := virtio.NewMMIO(dev, p.mem, irq, cfg.Logger)
 	d.closers = append(d.closers, t)
-	return m.MMIO.Register("virtio-vsock", layout.VirtioMMIOAddr(idx), layout.VirtioMMIOSize, t)
+	return p.mmio.Register("virtio-vsock", layout.VirtioMMIOAddr(idx), layout.VirtioMMIOSize, t)
 }

@@ -14,7 +14,7 @@ const (
 )
 
 func (m *Machine) setupVCPU(c *kvm.VCPU, supported []kvm.CPUIDEntry) error {
-	if err := c.SetCPUID(cpuidFor(supported, c.ID(), m.cfg.CPUs)); err != nil {
+	if err := c.SetCPUID(cpuidFor(supported, c.ID(), m.cfg.CPUs, m.cfg.InKernelIRQChip)); err != nil {
 		return err
 	}
 	if err := c.SetMSRs([]kvm.MSREntry{
@@ -82,7 +82,13 @@ func setLVT(l *kvm.LAPICState, off int, mode uint32) {
 // in every guest; in virt nodes (KVM inside QEMU TCG) that is a third level
 // of virtualization, and node kernels died of stack overflows in KVM_RUN
 // under such guests (docs/testing.md).
-func cpuidFor(supported []kvm.CPUIDEntry, id, n int) []kvm.CPUIDEntry {
+//
+// Without the in-kernel irqchip (a distributed VM's slices emulate an xAPIC
+// in userspace, vmm/irqchip) the guest must not use x2APIC, nor the KVM
+// paravirtual features that KVM implements on its own local APIC (PV EOI,
+// PV IPIs, PV unhalt, directed yield, async page faults by interrupt):
+// only kvmclock and the no-I/O-delay hint are kept.
+func cpuidFor(supported []kvm.CPUIDEntry, id, n int, inKernelIRQChip bool) []kvm.CPUIDEntry {
 	shift := uint32(bits.Len(uint(n - 1))) // APIC-id bits for the core level
 	out := make([]kvm.CPUIDEntry, 0, len(supported))
 	for _, e := range supported {
@@ -91,6 +97,9 @@ func cpuidFor(supported []kvm.CPUIDEntry, id, n int) []kvm.CPUIDEntry {
 			e.EBX = e.EBX&0x0000FFFF | uint32(id)<<24 | uint32(n&0xff)<<16
 			e.ECX |= 1 << 31 // running under a hypervisor
 			e.ECX &^= 1 << 5 // no VMX: see noNestedVirt
+			if !inKernelIRQChip {
+				e.ECX &^= 1 << 21 // x2APIC
+			}
 			if n > 1 {
 				e.EDX |= 1 << 28 // HTT: EBX[23:16] is valid
 			}
@@ -109,6 +118,10 @@ func cpuidFor(supported []kvm.CPUIDEntry, id, n int) []kvm.CPUIDEntry {
 				e.EAX, e.EBX, e.ECX = 0, 0, e.Index
 			}
 			e.EDX = uint32(id)
+		case kvmCPUIDFeatures:
+			if !inKernelIRQChip {
+				e.EAX &= kvmFeaturesWithoutIRQChip
+			}
 		case 0x80000001:
 			e.ECX &^= 1 << 2 // no SVM: see noNestedVirt
 		case 0x80000008: // AMD: number of cores - 1 and APIC-id core bits
@@ -118,6 +131,13 @@ func cpuidFor(supported []kvm.CPUIDEntry, id, n int) []kvm.CPUIDEntry {
 	}
 	return fixXSave(out)
 }
+
+// KVM's paravirtual feature leaf and the features usable without KVM's
+// local APIC: CLOCKSOURCE, NOP_IO_DELAY, CLOCKSOURCE2, CLOCKSOURCE_STABLE_BIT.
+const (
+	kvmCPUIDFeatures          = 0x40000001
+	kvmFeaturesWithoutIRQChip = 1<<0 | 1<<1 | 1<<3 | 1<<24
+)
 
 // fixXSave keeps CPUID leaf 0xD consistent with the feature bits: a host
 // (such as QEMU TCG) may report AVX state in leaf 0xD while leaf 1 lacks

@@ -12,7 +12,7 @@ func TestCPUIDTopology(t *testing.T) {
 		{Function: 0xB, Index: 0}, {Function: 0xB, Index: 1},
 		{Function: 0x80000008, ECX: 0xF0FF},
 	}
-	got := cpuidFor(sup, 5, 6)
+	got := cpuidFor(sup, 5, 6, true)
 	if apic := got[0].EBX >> 24; apic != 5 {
 		t.Errorf("leaf 1 APIC id %d, want 5", apic)
 	}
@@ -36,7 +36,7 @@ func TestFixXSaveDropsAVXStateWithoutAVX(t *testing.T) {
 		{Function: 0xD, Index: 0, EAX: 7, EBX: 832, ECX: 832},
 		{Function: 0xD, Index: 2, EAX: 256, EBX: 576},
 	}
-	got := cpuidFor(sup, 0, 1)
+	got := cpuidFor(sup, 0, 1, true)
 	for _, e := range got {
 		if e.Function == 0xD && e.Index == 2 {
 			t.Errorf("AVX state component kept without AVX")
@@ -46,7 +46,7 @@ func TestFixXSaveDropsAVXStateWithoutAVX(t *testing.T) {
 		}
 	}
 	withAVX := []kvm.CPUIDEntry{{Function: 1, ECX: 1 << 28}, {Function: 0xD, Index: 0, EAX: 7, EBX: 832, ECX: 832}, {Function: 0xD, Index: 2, EAX: 256, EBX: 576}}
-	if got := cpuidFor(withAVX, 0, 1); len(got) != 3 || got[1].EAX != 7 {
+	if got := cpuidFor(withAVX, 0, 1, true); len(got) != 3 || got[1].EAX != 7 {
 		t.Errorf("consistent leaf 0xD changed: %+v", got)
 	}
 }
@@ -56,11 +56,31 @@ func TestCPUIDHidesNestedVirtualization(t *testing.T) {
 		{Function: 1, ECX: 1<<5 | 1<<0},          // VMX, SSE3
 		{Function: 0x80000001, ECX: 1<<2 | 1<<0}, // SVM, LAHF
 	}
-	got := cpuidFor(sup, 0, 1)
+	got := cpuidFor(sup, 0, 1, true)
 	if got[0].ECX&(1<<5) != 0 || got[0].ECX&1 == 0 {
 		t.Errorf("leaf 1 ecx %#x: want VMX cleared and SSE3 kept", got[0].ECX)
 	}
 	if got[1].ECX != 1 {
 		t.Errorf("leaf 0x80000001 ecx %#x: want SVM cleared and LAHF kept", got[1].ECX)
+	}
+}
+
+func TestCPUIDWithoutInKernelIRQChip(t *testing.T) {
+	const x2apic = 1 << 21
+	const pvEOI, pvSendIPI, clocksource2, stable = 1 << 6, 1 << 11, 1 << 3, 1 << 24
+	sup := []kvm.CPUIDEntry{
+		{Function: 1, ECX: x2apic | 1},
+		{Function: 0x40000001, EAX: pvEOI | pvSendIPI | clocksource2 | stable},
+	}
+	in := cpuidFor(sup, 0, 2, true)
+	if in[0].ECX&x2apic == 0 || in[1].EAX != pvEOI|pvSendIPI|clocksource2|stable {
+		t.Errorf("with the in-kernel irqchip the guest keeps x2APIC and every PV feature: %+v", in)
+	}
+	out := cpuidFor(sup, 0, 2, false)
+	if out[0].ECX&^(1<<31) != 1 { // bit 31: hypervisor present
+		t.Errorf("leaf 1 ecx %#x: want x2APIC cleared, the rest kept", out[0].ECX)
+	}
+	if out[1].EAX != clocksource2|stable {
+		t.Errorf("KVM features %#x: want only kvmclock's (%#x)", out[1].EAX, clocksource2|stable)
 	}
 }

@@ -23,6 +23,10 @@ const MaxCPUs = 255
 type Legacy struct {
 	I8042   bool // keyboard controller at ports 0x60/0x64
 	CMOSRTC bool // MC146818 RTC at ports 0x70/0x71
+	// NoPIC: there is no 8259 pair (a distributed VM's userspace
+	// interrupt controllers); the MADT then does not claim PC-AT
+	// compatibility and Linux runs with its null legacy PIC.
+	NoPIC bool
 }
 
 // MMIODevice is a virtio-mmio device window and its interrupt (a GSI).
@@ -64,7 +68,7 @@ func Build(cfg Config, base uint64) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	madt := madt(cfg.CPUs)
+	madt := madt(cfg.CPUs, !cfg.Legacy.NoPIC)
 	// Layout: RSDP, then each table 16-byte aligned.
 	var blob []byte
 	place := func(b []byte) uint64 {
@@ -286,10 +290,12 @@ const (
 // routing QEMU itself installs, not KVM's default.) The one override is
 // for the SCI, which ACPI defines as level-triggered: it states the
 // polarity the VMM drives (active high) instead of the ACPI default (low).
-func madt(cpus int) []byte {
+func madt(cpus int, pic bool) []byte {
 	b := make([]byte, 8, 8+8*cpus+12+10+6)
 	binary.LittleEndian.PutUint32(b[0:], layout.LAPICAddr)
-	binary.LittleEndian.PutUint32(b[4:], madtPCATCompat) // KVM's irqchip includes the 8259 pair
+	if pic {
+		binary.LittleEndian.PutUint32(b[4:], madtPCATCompat) // KVM's irqchip includes the 8259 pair
+	}
 	for i := range cpus {
 		e := []byte{madtLocalAPIC, 8, uint8(i), uint8(i), 0, 0, 0, 0}
 		binary.LittleEndian.PutUint32(e[4:], madtLAPICEnabled)

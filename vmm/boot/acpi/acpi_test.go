@@ -267,3 +267,18 @@ func TestIASL(t *testing.T) {
 		}
 	}
 }
+
+// The MADT claims PC-AT compatibility (an 8259 pair) only when there is one.
+func TestMADTPCATCompatFollowsPIC(t *testing.T) {
+	for _, noPIC := range []bool{false, true} {
+		mem := testmem.New(2 << 20)
+		if _, err := Write(mem, Config{CPUs: 2, Legacy: Legacy{I8042: true, NoPIC: noPIC}}); err != nil {
+			t.Fatal(err)
+		}
+		m := tables(t, mem)["APIC"]
+		checkMADT(t, m, 2)
+		if got, want := le.Uint32(m[headerSize+4:])&madtPCATCompat != 0, !noPIC; got != want {
+			t.Errorf("NoPIC=%v: PCAT_COMPAT = %v, want %v", noPIC, got, want)
+		}
+	}
+}

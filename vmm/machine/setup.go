@@ -99,6 +99,11 @@ func cpuidFor(supported []kvm.CPUIDEntry, id, n int, inKernelIRQChip bool) []kvm
 			e.ECX &^= 1 << 5 // no VMX: see noNestedVirt
 			if !inKernelIRQChip {
 				e.ECX &^= 1 << 21 // x2APIC
+				// TSC-deadline timer: KVM reports it only for its own
+				// local APIC; the userspace one implements it (the slices
+				// trap IA32_TSC_DEADLINE). Without it Linux calibrates the
+				// APIC timer against the PIT, which a distributed VM lacks.
+				e.ECX |= 1 << 24
 			}
 			if n > 1 {
 				e.EDX |= 1 << 28 // HTT: EBX[23:16] is valid

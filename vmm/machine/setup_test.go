@@ -77,8 +77,8 @@ func TestCPUIDWithoutInKernelIRQChip(t *testing.T) {
 		t.Errorf("with the in-kernel irqchip the guest keeps x2APIC and every PV feature: %+v", in)
 	}
 	out := cpuidFor(sup, 0, 2, false)
-	if out[0].ECX&^(1<<31) != 1 { // bit 31: hypervisor present
-		t.Errorf("leaf 1 ecx %#x: want x2APIC cleared, the rest kept", out[0].ECX)
+	if out[0].ECX&^(1<<31) != 1|1<<24 { // bit 31: hypervisor present
+		t.Errorf("leaf 1 ecx %#x: want x2APIC cleared, TSC deadline set, the rest kept", out[0].ECX)
 	}
 	if out[1].EAX != clocksource2|stable {
 		t.Errorf("KVM features %#x: want only kvmclock's (%#x)", out[1].EAX, clocksource2|stable)

@@ -13,7 +13,6 @@ import (
 	"os"
 	"os/signal"
 	"runtime"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -237,8 +236,8 @@ func parseSliceArgs(args []string) (*sliceOpts, error) {
 		o.linux = &sliceLinux{kernel: *f.kernel, initrd: *f.initrd, cmdline: *f.cmdline, disks: f.disks,
 			vsock: *f.vsock, cid: *f.cid, console: *f.console}
 		o.guest = *f.kernel
-		if o.placement[0] == nil || !slices.Contains(o.placement[0], 0) {
-			return nil, errors.New("--placement: vCPU 0 (the boot processor) must be on slice 0 with --kernel")
+		if err := linuxvm.CheckBootPlacement(o.placement); err != nil {
+			return nil, fmt.Errorf("--%w (--kernel)", err)
 		}
 	} else if len(f.disks) > 0 || *f.initrd != "" || *f.vsock != "" || *f.console != "" {
 		return nil, errors.New("--initrd, --disk, --vsock and --console need --kernel")
@@ -394,14 +393,21 @@ func runSlice(o *sliceOpts, stdout io.Writer) int {
 	}
 	start := time.Now()
 	res, err := dsm.RunSlice(ctx, cfg)
-	out := sliceOutput{Slice: o.id, Exit: res.Exit.Kind.String(), Reason: res.Exit.Reason, Stats: res.Stats,
-		VCPUs: o.placement[o.id], Elapsed: time.Since(start).Round(time.Millisecond).String()}
 	rep.mu.Lock()
-	out.Reports = append([]uint32{}, rep.reports...)
+	reports := append([]uint32{}, rep.reports...)
 	rep.mu.Unlock()
-	if o.id == 0 {
-		out.Results = results
+	if o.id != 0 {
+		results = nil
 	}
+	return endSlice(stdout, o, start, res, err, reports, results)
+}
+
+// endSlice prints the slice's JSON summary on stdout and a one-line error
+// on stderr unless the VM powered off; it returns the exit status.
+func endSlice(stdout io.Writer, o *sliceOpts, start time.Time, res dsm.SliceResult, err error, reports []uint32, results []sliceResult) int {
+	out := sliceOutput{Slice: o.id, Exit: res.Exit.Kind.String(), Reason: res.Exit.Reason, Stats: res.Stats,
+		VCPUs: o.placement[o.id], Elapsed: time.Since(start).Round(time.Millisecond).String(),
+		Reports: reports, Results: results}
 	if err != nil {
 		out.Error = err.Error()
 	}
@@ -440,19 +446,5 @@ func runLinuxSlice(ctx context.Context, o *sliceOpts, ln net.Listener, lg *slog.
 	}
 	start := time.Now()
 	res, err := linuxvm.RunSlice(ctx, cfg)
-	out := sliceOutput{Slice: o.id, Exit: res.Exit.Kind.String(), Reason: res.Exit.Reason, Stats: res.Stats,
-		VCPUs: o.placement[o.id], Elapsed: time.Since(start).Round(time.Millisecond).String(), Reports: []uint32{}}
-	if err != nil {
-		out.Error = err.Error()
-	}
-	json.NewEncoder(stdout).Encode(out)
-	if err != nil || res.Exit.Kind != machine.ExitPoweroff {
-		msg := res.Exit.Reason
-		if err != nil {
-			msg = err.Error()
-		}
-		fmt.Fprintf(os.Stderr, "hpcvm slice %d: %s\n", o.id, msg)
-		return 1
-	}
-	return 0
+	return endSlice(stdout, o, start, res, err, []uint32{}, nil)
 }

@@ -34,12 +34,15 @@ func monotonicNow() int64 {
 	return ts.Nano()
 }
 
+// guestNS is the guest time in ns (since the epoch) at local monotonic
+// time now.
+func (g guestClock) guestNS(now int64) int64 {
+	return max(now+g.offset-g.epoch, 0)
+}
+
 // guestTSC is the guest TSC at local monotonic time now for a TSC of khz.
 func (g guestClock) guestTSC(now int64, khz uint64) uint64 {
-	ns := now + g.offset - g.epoch
-	if ns < 0 {
-		ns = 0
-	}
+	ns := g.guestNS(now)
 	sec, rem := uint64(ns)/1e9, uint64(ns)%1e9
 	return sec*khz*1000 + rem*khz/1e6
 }
@@ -115,11 +118,7 @@ func (s *sliceRun) setGuestTSC(c *kvm.VCPU, khz uint64) error {
 // epoch on slice 0's clock), so that every slice's kvmclock agrees: KVM
 // would otherwise start each VM's kvmclock near 0 when it is created.
 func (s *sliceRun) setKVMClock(vm *kvm.VM) error {
-	ns := monotonicNow() + s.clock.offset - s.clock.epoch
-	if ns < 0 {
-		ns = 0
-	}
-	if err := vm.SetClock(kvm.ClockData{Clock: uint64(ns)}); err != nil {
+	if err := vm.SetClock(kvm.ClockData{Clock: uint64(s.clock.guestNS(monotonicNow()))}); err != nil {
 		return fmt.Errorf("dsm: slice %d: %w", s.id, err)
 	}
 	return nil

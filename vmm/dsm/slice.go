@@ -105,13 +105,12 @@ type sliceRun struct {
 	mmu     sync.RWMutex
 	mclosed bool
 
-	mu       sync.Mutex
-	m        *machine.Machine
-	ready    chan struct{} // closed once m is set (or the slice gives up)
-	stop     *machine.Exit // requested before the machine existed
-	acks     int           // slice 0: shutdown acks
-	finished bool
-	final    *machine.Exit // slice 0: how the VM ends once every slice acked
+	mu    sync.Mutex
+	m     *machine.Machine
+	ready chan struct{} // closed once m is set (or the slice gives up)
+	stop  *machine.Exit // requested before the machine existed
+	acks  int           // slice 0: shutdown acks
+	final *machine.Exit // slice 0: how the VM ends once every slice acked
 }
 
 func (s *sliceRun) stopVM(kind machine.ExitKind, reason string, err error) {
@@ -227,7 +226,7 @@ func RunSlice(ctx context.Context, cfg SliceConfig) (SliceResult, error) {
 		if cfg.Setup != nil {
 			h := &Home{Machine: m, Memory: s.node, IOAPIC: s.irq.ioapic,
 				MSI:  func(addr uint64, data uint32) { s.irq.deliver(irqchip.MSIMessage(addr, data)) },
-				Stop: func(kind machine.ExitKind, reason string) { go s.stopAll(kind, reason) }}
+				Stop: func(kind machine.ExitKind, reason string) { go s.stopAll(kind, reason, nil) }}
 			if err := cfg.Setup(h); err != nil {
 				return SliceResult{}, err
 			}
@@ -334,56 +333,44 @@ func (s *sliceRun) control(from int, m *Msg) {
 }
 
 // finish runs on slice 0 when every vCPU is done: read results, then stop
-// every slice (two phases, so no slice mistakes an orderly close for a
-// failure).
+// every slice.
 func (s *sliceRun) finish() {
-	var ferr error
 	if s.cfg.Finish != nil {
-		ferr = s.cfg.Finish(s.node)
+		if err := s.cfg.Finish(s.node); err != nil {
+			s.stopAll(machine.ExitError, "finish: "+err.Error(), err)
+			return
+		}
 	}
-	msg := Msg{Type: MsgShutdown, Text: "all slices done"}
-	if ferr != nil {
-		msg.Code, msg.Text = 1, ferr.Error()
-	}
-	if s.n == 1 {
-		s.stopFinished(ferr)
-		return
-	}
-	s.tr.SetClosing()
-	for j := 1; j < s.n; j++ {
-		s.node.send(j, &msg)
-	}
-	if ferr != nil {
-		s.stopFinished(ferr)
-	}
+	s.stopAll(machine.ExitPoweroff, "all slices done", nil)
 }
 
-// stopAll (slice 0) ends the VM on every slice: shutdown to the others,
-// and once all acknowledged, slice 0 stops with kind and reason.
-func (s *sliceRun) stopAll(kind machine.ExitKind, reason string) {
+// stopAll (slice 0) ends the VM on every slice, in two phases so that no
+// slice mistakes it for a failure: shutdown to the others, and once all
+// acknowledged, slice 0 stops with kind and reason. A failure (err) stops
+// slice 0 at once and the others with the error.
+func (s *sliceRun) stopAll(kind machine.ExitKind, reason string, err error) {
 	s.mu.Lock()
 	if s.final != nil {
 		s.mu.Unlock()
 		return // already stopping
 	}
-	s.final = &machine.Exit{Kind: kind, Reason: reason}
+	s.final = &machine.Exit{Kind: kind, Reason: reason, Err: err}
 	s.mu.Unlock()
 	if s.n == 1 {
-		s.stopVM(kind, reason, nil)
+		s.stopVM(kind, reason, err)
 		return
+	}
+	msg := Msg{Type: MsgShutdown, Text: reason}
+	if err != nil {
+		msg.Code, msg.Text = 1, err.Error()
 	}
 	s.tr.SetClosing()
 	for j := 1; j < s.n; j++ {
-		s.node.send(j, &Msg{Type: MsgShutdown, Text: reason})
+		s.node.send(j, &msg)
 	}
-}
-
-func (s *sliceRun) stopFinished(ferr error) {
-	if ferr != nil {
-		s.stopVM(machine.ExitError, "finish: "+ferr.Error(), ferr)
-		return
+	if err != nil {
+		s.stopVM(kind, reason, err)
 	}
-	s.stopVM(machine.ExitPoweroff, "all slices done", nil)
 }
 
 // kvmAvailable reports whether /dev/kvm can be opened (for callers that

@@ -87,14 +87,8 @@ func (c *Config) Validate() error {
 	if c.CPUs > MaxCPUs {
 		return fmt.Errorf("--cpus %d: at most %d vCPUs are supported", c.CPUs, MaxCPUs)
 	}
-	if c.MemBytes < MinMemBytes {
-		return fmt.Errorf("--mem %s: too small, a Linux guest needs at least %s", units.FormatSize(c.MemBytes), units.FormatSize(MinMemBytes))
-	}
-	if c.MemBytes%memory.PageSize != 0 {
-		return fmt.Errorf("--mem %d: not a multiple of the %d-byte page size", c.MemBytes, memory.PageSize)
-	}
-	if host, err := hostMemory(); err == nil && c.MemBytes > host {
-		return fmt.Errorf("--mem %s: more than this host's %s of memory", units.FormatSize(c.MemBytes), units.FormatSize(host))
+	if err := c.validateMem(); err != nil {
+		return err
 	}
 	if c.VsockPath != "" {
 		dir := filepath.Dir(c.VsockPath)
@@ -104,6 +98,21 @@ func (c *Config) Validate() error {
 		if st, err := os.Lstat(c.VsockPath); err == nil && st.Mode()&os.ModeSocket == 0 {
 			return fmt.Errorf("--vsock %s: exists and is not a socket", c.VsockPath)
 		}
+	}
+	return nil
+}
+
+// validateMem checks the guest memory size (every slice of a distributed
+// VM checks it; only slice 0 reads the kernel and disks).
+func (c *Config) validateMem() error {
+	if c.MemBytes < MinMemBytes {
+		return fmt.Errorf("--mem %s: too small, a Linux guest needs at least %s", units.FormatSize(c.MemBytes), units.FormatSize(MinMemBytes))
+	}
+	if c.MemBytes%memory.PageSize != 0 {
+		return fmt.Errorf("--mem %d: not a multiple of the %d-byte page size", c.MemBytes, memory.PageSize)
+	}
+	if host, err := hostMemory(); err == nil && c.MemBytes > host {
+		return fmt.Errorf("--mem %s: more than this host's %s of memory", units.FormatSize(c.MemBytes), units.FormatSize(host))
 	}
 	return nil
 }
@@ -189,6 +198,15 @@ type panicWatch struct {
 
 const panicMarker = "Kernel panic - not syncing"
 
+// explain reports a reset that followed a kernel panic as a panic.
+func (p *panicWatch) explain(e machine.Exit) machine.Exit {
+	if e.Kind == machine.ExitReset && p.seen {
+		e.Kind = machine.ExitPanic
+		e.Reason = "guest kernel panic (see console)"
+	}
+	return e
+}
+
 func (p *panicWatch) Write(b []byte) (int, error) {
 	if !p.seen {
 		p.tail = append(p.tail, b...)
@@ -226,10 +244,5 @@ func Run(ctx context.Context, cfg Config) (machine.Exit, error) {
 		return machine.Exit{}, err
 	}
 	defer devs.Close()
-	exit := m.Run(ctx)
-	if exit.Kind == machine.ExitReset && console.seen {
-		exit.Kind = machine.ExitPanic
-		exit.Reason = "guest kernel panic (see console)"
-	}
-	return exit, nil
+	return console.explain(m.Run(ctx)), nil
 }

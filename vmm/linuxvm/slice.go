@@ -8,11 +8,9 @@ import (
 	"log/slog"
 	"slices"
 
-	"github.com/hpcvm/hpcvm/internal/units"
 	"github.com/hpcvm/hpcvm/vmm/bus"
 	"github.com/hpcvm/hpcvm/vmm/dsm"
 	"github.com/hpcvm/hpcvm/vmm/machine"
-	"github.com/hpcvm/hpcvm/vmm/memory"
 )
 
 // SliceConfig is one slice of a Linux VM spread over several VMM processes
@@ -34,18 +32,16 @@ func RunSlice(ctx context.Context, sc SliceConfig) (dsm.SliceResult, error) {
 	if err != nil {
 		return dsm.SliceResult{}, fmt.Errorf("placement: %w", err)
 	}
-	if len(sc.Placement[0]) == 0 || !slices.Contains(sc.Placement[0], 0) {
-		// The boot processor starts at the kernel entry the loader
-		// computed, which only slice 0 has.
-		return dsm.SliceResult{}, errors.New("placement: vCPU 0 (the boot processor) must be on slice 0")
+	if err := CheckBootPlacement(sc.Placement); err != nil {
+		return dsm.SliceResult{}, err
 	}
 	cfg.CPUs = ncpu
+	validate := cfg.validateMem
 	if sc.Transport.ID == 0 {
-		if err := cfg.Validate(); err != nil {
-			return dsm.SliceResult{}, err
-		}
-	} else if cfg.MemBytes < MinMemBytes || cfg.MemBytes%memory.PageSize != 0 {
-		return dsm.SliceResult{}, fmt.Errorf("--mem %s: need at least %s, in whole pages", units.FormatSize(cfg.MemBytes), units.FormatSize(MinMemBytes))
+		validate = cfg.Validate
+	}
+	if err := validate(); err != nil {
+		return dsm.SliceResult{}, err
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
@@ -79,9 +75,16 @@ func RunSlice(ctx context.Context, sc SliceConfig) (dsm.SliceResult, error) {
 		},
 		Logger: cfg.Logger,
 	})
-	if res.Exit.Kind == machine.ExitReset && console.seen {
-		res.Exit.Kind = machine.ExitPanic
-		res.Exit.Reason = "guest kernel panic (see console)"
-	}
+	res.Exit = console.explain(res.Exit)
 	return res, err
+}
+
+// CheckBootPlacement checks what a Linux guest adds to dsm.CheckPlacement:
+// the boot processor starts at the kernel entry the loader computed, which
+// only slice 0 has.
+func CheckBootPlacement(placement [][]int) error {
+	if len(placement) == 0 || !slices.Contains(placement[0], 0) {
+		return errors.New("placement: vCPU 0 (the boot processor) must be on slice 0")
+	}
+	return nil
 }

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/hpcvm/hpcvm/test/guestvm"
+	"github.com/hpcvm/hpcvm/test/virtnode"
 )
 
 type kernelCase struct {
@@ -111,7 +112,11 @@ func bootAndCheck(t *testing.T, r guestvm.Runner, bin string, kc kernelCase, cpu
 		// deterministic VMM bug fails again.
 		t.Logf("attempt 1: %s; booting once more (docs/testing.md: failures seen in virt nodes)\n%s",
 			why, guestvm.Tail(dump(run), 15))
-		run, vsockErr, _ = bootOnce(t, r, bin, kc, cpus, disk)
+		healthyNode(t)
+		run, vsockErr, why = bootOnce(t, r, bin, kc, cpus, disk)
+		if why != "" && !r.Node.Alive() {
+			t.Fatalf("attempt 2: %s", why)
+		}
 	}
 	checkBoot(t, kc, cpus, disk, run, vsockErr)
 }
@@ -141,6 +146,9 @@ func bootOnce(t *testing.T, r guestvm.Runner, bin string, kc kernelCase, cpus in
 	up := waitConsole(bctx, p, guestvm.UserspaceMarker)
 	bcancel()
 	if up == "" && !p.Exited() {
+		if ok, why := r.Node.Healthy(); !ok {
+			return run, "", why
+		}
 		p.Kill()
 		res, _ := p.Wait(ctx)
 		run, _ = guestvm.Parse(res)
@@ -174,6 +182,9 @@ func bootOnce(t *testing.T, r guestvm.Runner, bin string, kc kernelCase, cpus in
 	res, err := p.Wait(wctx)
 	wcancel()
 	run, perr := guestvm.Parse(res)
+	if ok, why := r.Node.Healthy(); !ok {
+		return run, vsockErr, why
+	}
 	if err != nil && vsockErr != "" {
 		return run, vsockErr, "vsock: " + vsockErr + "; the VMM did not exit when killed"
 	}
@@ -238,11 +249,9 @@ func randBytes(n int) []byte {
 }
 
 // waitConsole polls the running VMM's console until one of the texts
-// appears or the VMM exits; it returns the text found ("" otherwise).
-func waitConsole(ctx context.Context, p interface {
-	Stdout() string
-	Exited() bool
-}, texts ...string) string {
+// appears, the VMM exits or its node stops being healthy; it returns the
+// text found ("" otherwise).
+func waitConsole(ctx context.Context, p *virtnode.Proc, texts ...string) string {
 	for {
 		out := p.Stdout()
 		for _, s := range texts {
@@ -251,6 +260,9 @@ func waitConsole(ctx context.Context, p interface {
 			}
 		}
 		if p.Exited() || ctx.Err() != nil {
+			return ""
+		}
+		if ok, _ := p.Node().Healthy(); !ok {
 			return ""
 		}
 		time.Sleep(100 * time.Millisecond)

@@ -103,6 +103,8 @@ type Cluster struct {
 	Nodes []*Node
 
 	cfg       Config
+	assets    Assets
+	agent     string // node agent binary (host path, seen by the nodes)
 	dir       string
 	ownDir    bool
 	holder    *exec.Cmd // owns the network namespace
@@ -212,6 +214,7 @@ func Start(ctx context.Context, cfg Config) (_ *Cluster, err error) {
 	if err != nil {
 		return nil, err
 	}
+	c.assets, c.agent = assets, agent
 	if err := c.startNetwork(ctx); err != nil {
 		return nil, err
 	}
@@ -232,7 +235,7 @@ func Start(ctx context.Context, cfg Config) (_ *Cluster, err error) {
 		if err := os.WriteFile(filepath.Join(n.ctl, "hosts"), []byte(hosts.String()), 0o644); err != nil {
 			return nil, err
 		}
-		if err := c.startNode(n, assets, agent); err != nil {
+		if err := c.startNode(n); err != nil {
 			return nil, err
 		}
 		c.Nodes = append(c.Nodes, n)
@@ -328,7 +331,8 @@ func (c *Cluster) NetNSPath() string {
 // Dir is the cluster's host directory (node consoles, control dirs).
 func (c *Cluster) Dir() string { return c.dir }
 
-func (c *Cluster) startNode(n *Node, a Assets, agent string) error {
+func (c *Cluster) startNode(n *Node) error {
+	a, agent := c.assets, c.agent
 	shares := []string{"vnctl=" + n.ctl}
 	qargs := []string{
 		"-t", strconv.Itoa(c.holder.Process.Pid), "-n", "--",
@@ -386,10 +390,11 @@ func (c *Cluster) startNode(n *Node, a Assets, agent string) error {
 		return fmt.Errorf("virtnode: starting QEMU for %s: %w", n.Name, err)
 	}
 	n.qemu = cmd
+	exited := n.exited
 	go func() {
 		n.waitErr = cmd.Wait()
 		logf.Close()
-		close(n.exited)
+		close(exited)
 	}()
 	n.started = start
 	return nil
@@ -469,6 +474,73 @@ func (n *Node) Alive() bool {
 	}
 }
 
+// HungAfter is how stale the node agent's heartbeat (ctl/alive, rewritten
+// every 2 s) may get before the node counts as hung. Under TCG a node that
+// runs KVM guests has stopped dead, silently, now and then
+// (docs/testing.md); a node that is merely loaded still runs its agent.
+var HungAfter = 90 * time.Second
+
+// Hung reports whether the node's QEMU runs but its agent has not
+// heartbeat for HungAfter, and how old the last heartbeat is.
+func (n *Node) Hung() (bool, time.Duration) {
+	if !n.Alive() {
+		return false, 0
+	}
+	st, err := os.Stat(filepath.Join(n.ctl, "alive"))
+	if err != nil {
+		return false, 0 // not serving yet
+	}
+	age := time.Since(st.ModTime())
+	return age > HungAfter, age
+}
+
+// Healthy reports whether the node runs and its agent is not hung, and if
+// not, why.
+func (n *Node) Healthy() (bool, string) {
+	if !n.Alive() {
+		return false, fmt.Sprintf("%s's QEMU exited (%v)", n.Name, n.waitErr)
+	}
+	if hung, age := n.Hung(); hung {
+		return false, fmt.Sprintf("%s hung: its agent's last heartbeat is %v old", n.Name, age.Round(time.Second))
+	}
+	return true, ""
+}
+
+// ErrNodeHung is returned (wrapped) by Proc.Wait when the node hangs.
+var ErrNodeHung = errors.New("virt node hung")
+
+// Restart kills node n's QEMU if it still runs and boots the node afresh
+// with the same configuration, waiting until it serves commands. Commands
+// still running in it are lost. It is how tests get past a node that hung
+// or died under a guest (docs/testing.md).
+func (c *Cluster) Restart(ctx context.Context, n *Node) error {
+	if n.qemu != nil && n.qemu.Process != nil {
+		syscall.Kill(-n.qemu.Process.Pid, syscall.SIGKILL)
+		select {
+		case <-n.exited:
+		case <-time.After(30 * time.Second):
+			return fmt.Errorf("virtnode: %s: QEMU did not die after SIGKILL", n.Name)
+		}
+	}
+	for _, f := range []string{"ready", "alive", "run", "new"} {
+		if err := os.RemoveAll(filepath.Join(n.ctl, f)); err != nil {
+			return err
+		}
+	}
+	old := n.console + ".before-restart"
+	os.Remove(old)
+	os.Rename(n.console, old)
+	n.exited, n.waitErr = make(chan struct{}), nil
+	if err := c.startNode(n); err != nil {
+		return err
+	}
+	if err := n.waitReady(ctx); err != nil {
+		return err
+	}
+	c.cfg.Logf("virtnode: %s restarted, ready after %v", n.Name, n.BootTime.Round(time.Millisecond))
+	return nil
+}
+
 // Proc is a command started in a node by RunBackground.
 type Proc struct {
 	node *Node
@@ -495,6 +567,9 @@ func (n *Node) RunBackground(script string) (*Proc, error) {
 	}
 	return &Proc{node: n, dir: dir}, nil
 }
+
+// Node is the node the command runs in.
+func (p *Proc) Node() *Node { return p.node }
 
 // Stdout returns the command's standard output so far.
 func (p *Proc) Stdout() string {
@@ -538,7 +613,7 @@ func (p *Proc) Wait(ctx context.Context) (Result, error) {
 	n := p.node
 	rcFile := filepath.Join(p.dir, "rc")
 	delay := time.Millisecond
-	var killedAt time.Time
+	var killedAt, checked time.Time
 	for {
 		if b, err := os.ReadFile(rcFile); err == nil {
 			rc, perr := strconv.Atoi(strings.TrimSpace(string(b)))
@@ -555,6 +630,14 @@ func (p *Proc) Wait(ctx context.Context) (Result, error) {
 		}
 		if !killedAt.IsZero() && time.Since(killedAt) > 10*time.Second {
 			return Result{Stdout: p.Stdout(), Stderr: p.Stderr(), ExitCode: -1}, ctx.Err()
+		}
+		if time.Since(checked) > 5*time.Second {
+			checked = time.Now()
+			if hung, age := n.Hung(); hung {
+				return Result{Stdout: p.Stdout(), Stderr: p.Stderr(), ExitCode: -1},
+					fmt.Errorf("virtnode: %s: %w (no agent heartbeat for %v) while running a command\nconsole tail:\n%s",
+						n.Name, ErrNodeHung, age.Round(time.Second), n.ConsoleTail(30))
+			}
 		}
 		select {
 		case <-n.exited:

@@ -4,6 +4,7 @@ package virtnode_test
 
 import (
 	"context"
+	"errors"
 	"strings"
 	"testing"
 	"time"
@@ -96,5 +97,46 @@ func TestClusterNetwork(t *testing.T) {
 	res, err := srv.Wait(ctx)
 	if err != nil || !strings.Contains(res.Stdout, "hello-from-n1") {
 		t.Fatalf("n2 did not receive the line: %v %s", err, res)
+	}
+}
+
+// TestHungNodeIsDetectedAndRestarted freezes the node's agent (what a node
+// hung under a KVM guest looks like from the host: QEMU runs, nothing
+// answers), expects Proc.Wait to say so instead of waiting out its context,
+// and expects Restart to bring back a fresh node.
+func TestHungNodeIsDetectedAndRestarted(t *testing.T) {
+	old := virtnode.HungAfter
+	virtnode.HungAfter = 8 * time.Second
+	t.Cleanup(func() { virtnode.HungAfter = old })
+	c := virtnode.StartT(t, virtnode.Config{Nodes: 1})
+	n := c.Nodes[0]
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+	n.MustRun(t, ctx, "echo before > /etc/vn-mark")
+
+	// The command's parent is the agent's worker: stop it.
+	p, err := n.RunBackground("kill -STOP $PPID; sleep 600")
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	_, err = p.Wait(ctx)
+	if !errors.Is(err, virtnode.ErrNodeHung) {
+		t.Fatalf("Wait on a hung node: err = %v, want ErrNodeHung", err)
+	}
+	t.Logf("hang reported after %v: %v", time.Since(start).Round(time.Second), strings.SplitN(err.Error(), "\n", 2)[0])
+	if ok, why := n.Healthy(); ok || !strings.Contains(why, "hung") {
+		t.Fatalf("Healthy() = %v, %q; want false, naming the hang", ok, why)
+	}
+
+	if err := c.Restart(ctx, n); err != nil {
+		t.Fatal(err)
+	}
+	if ok, why := n.Healthy(); !ok {
+		t.Fatalf("after Restart: %s", why)
+	}
+	// A fresh node: the mark written before is gone.
+	if got := n.MustRun(t, ctx, "cat /etc/vn-mark 2>/dev/null || echo fresh"); got != "fresh" {
+		t.Errorf("after Restart /etc/vn-mark = %q, want a fresh node", got)
 	}
 }

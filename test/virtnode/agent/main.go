@@ -14,6 +14,8 @@
 //	run/<id>/stderr  worker: the command's standard error
 //	run/<id>/kill    host: "kill the command's process group"
 //	run/<id>/rc      worker: the exit status (decimal), written last, atomically
+//	alive            worker: rewritten every HeartbeatEvery with the node's
+//	                 uptime; its host mtime going stale means the node hung
 //
 // inotify does not see host-side changes on 9p, so the worker polls.
 package main
@@ -81,6 +83,10 @@ func poweroff() {
 	os.Exit(1)
 }
 
+// heartbeatEvery is how often the worker rewrites ctl/alive; the host's
+// virtnode.HungAfter must be many times longer.
+const heartbeatEvery = 2 * time.Second
+
 type running struct {
 	dir  string
 	cmd  *exec.Cmd
@@ -108,7 +114,13 @@ func serve(ctl string) error {
 
 	active := map[string]*running{}
 	delay := 5 * time.Millisecond
+	var beat time.Time
 	for {
+		if time.Since(beat) >= heartbeatEvery {
+			up, _ := os.ReadFile("/proc/uptime")
+			writeAtomic(filepath.Join(ctl, "alive"), string(up))
+			beat = time.Now()
+		}
 		busy := false
 		ents, err := os.ReadDir(newDir)
 		if err != nil {

@@ -3,6 +3,7 @@
 #   make e2e           the virt-node tier alone (boots QEMU TCG nodes)
 #   make bench         boot-time benchmark in a virt node -> docs/benchmarks.md
 #   make e2e E2E_RUN=TestBoot/minimal-pvh-1cpu   one test (go test -run syntax)
+#   make e2e-dsm-linux Linux across `hpcvm slice` processes in one node (issue 7; opt-in)
 
 # Debian packages the harness needs on the host (installed by virtnode-deps
 # when missing).
@@ -11,7 +12,7 @@ E2E_RUN ?= .
 E2E_TIMEOUT ?= 60m
 E2E_PKGS ?= ./test/virtnode/ ./test/e2e/
 
-.PHONY: virtnode-deps node-assets e2e bench
+.PHONY: virtnode-deps node-assets e2e bench e2e-dsm-linux
 
 virtnode-deps:
 	@missing=""; for p in $(VIRTNODE_APT); do \
@@ -31,6 +32,10 @@ node-assets: virtnode-deps
 e2e: build node-assets guest-kernel guest-cloud-kernel guest-initramfs
 	HPCVM_E2E_REQUIRE=1 HPCVM_BIN=$(BIN)/hpcvm $(GO) test -tags e2e -count=1 -p 1 -v \
 		-timeout $(E2E_TIMEOUT) -run '$(E2E_RUN)' $(E2E_PKGS)
+
+e2e-dsm-linux: build node-assets guest-kernel guest-initramfs
+	HPCVM_E2E_REQUIRE=1 HPCVM_BIN=$(BIN)/hpcvm $(GO) test -tags 'e2e dsmlinux' -count=1 -v \
+		-timeout 30m -run 'TestLinuxAcrossSlices' ./test/e2e/
 
 bench: build node-assets guest-kernel guest-initramfs
 	HPCVM_E2E_REQUIRE=1 HPCVM_BIN=$(BIN)/hpcvm HPCVM_BENCH_DOC=$(CURDIR)/docs/benchmarks.md \

@@ -202,7 +202,11 @@ func Start(ctx context.Context, cfg Config) (_ *Cluster, err error) {
 		if c.dir, err = os.MkdirTemp("", "hpcvm-vn-"); err != nil {
 			return nil, err
 		}
-		c.ownDir = true
+		// HPCVM_VN_KEEP=1 keeps node consoles and logs for a post-mortem.
+		c.ownDir = os.Getenv("HPCVM_VN_KEEP") != "1"
+		if !c.ownDir {
+			cfg.Logf("virtnode: keeping %s (HPCVM_VN_KEEP=1)", c.dir)
+		}
 	}
 	defer func() {
 		if err != nil {
@@ -338,7 +342,7 @@ func (c *Cluster) startNode(n *Node) error {
 		"-t", strconv.Itoa(c.holder.Process.Pid), "-n", "--",
 		"qemu-system-x86_64",
 		"-name", n.Name,
-		"-accel", "tcg", "-machine", "q35", "-cpu", "EPYC,+svm,+npt",
+		"-accel", accel(), "-machine", "q35", "-cpu", "EPYC,+svm,+npt",
 		"-smp", strconv.Itoa(c.cfg.CPUs), "-m", strconv.Itoa(c.cfg.MemMiB),
 		"-nographic", "-nodefaults", "-no-reboot",
 		// A node that resets (a triple fault ends QEMU under -no-reboot)
@@ -398,6 +402,15 @@ func (c *Cluster) startNode(n *Node) error {
 	}()
 	n.started = start
 	return nil
+}
+
+// accel is QEMU's -accel value: tcg, or HPCVM_VN_ACCEL for experiments
+// (e.g. tcg,thread=single).
+func accel() string {
+	if a := os.Getenv("HPCVM_VN_ACCEL"); a != "" {
+		return a
+	}
+	return "tcg"
 }
 
 // hostTSCkHz is the host CPU clock from /proc/cpuinfo, or 0.

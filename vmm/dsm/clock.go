@@ -113,13 +113,3 @@ func (s *sliceRun) setGuestTSC(c *kvm.VCPU, khz uint64) error {
 	}
 	return nil
 }
-
-// setKVMClock makes the VM's kvmclock read the guest clock (ns since the
-// epoch on slice 0's clock), so that every slice's kvmclock agrees: KVM
-// would otherwise start each VM's kvmclock near 0 when it is created.
-func (s *sliceRun) setKVMClock(vm *kvm.VM) error {
-	if err := vm.SetClock(kvm.ClockData{Clock: uint64(s.clock.guestNS(monotonicNow()))}); err != nil {
-		return fmt.Errorf("dsm: slice %d: %w", s.id, err)
-	}
-	return nil
-}

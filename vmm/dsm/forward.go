@@ -166,3 +166,13 @@ func (s *sliceRun) serveIO(from int, r *Msg) {
 	s.node.Stats.IOServed.Add(1)
 	s.node.send(from, &rep)
 }
+
+// DescribeVCPU is the interrupt side of a local vCPU for the machine's
+// stop-time report (machine.VCPUDescriber).
+func (h *sliceHooks) DescribeVCPU(id int) string {
+	v := h.s.irq.local[id]
+	if v == nil {
+		return ""
+	}
+	return fmt.Sprintf("wait-sipi=%v %s", v.waitSIPI, v.lapic.Describe())
+}

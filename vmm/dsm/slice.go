@@ -208,9 +208,6 @@ func RunSlice(ctx context.Context, cfg SliceConfig) (SliceResult, error) {
 	}
 	defer m.Close()
 	defer s.retireMachine() // before m.Close
-	if err := s.setKVMClock(m.VM()); err != nil {
-		return SliceResult{}, err
-	}
 	if err := m.VM().TrapMSRs(msrTSCDeadline); err != nil {
 		s.log.Warn("dsm: no TSC-deadline timer (IA32_TSC_DEADLINE cannot be trapped)", "err", err)
 	}

@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"reflect"
 	"sort"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -483,5 +484,19 @@ func TestIOAPIC(t *testing.T) {
 	}
 	if err := a.SetLevel(24, true); err == nil {
 		t.Fatal("pin 24 accepted")
+	}
+}
+
+func TestLAPICDescribeNamesPendingAndInService(t *testing.T) {
+	l := NewLAPIC(LAPICConfig{ID: 1})
+	w32(l, RegSVR, 0x1FF)
+	l.Accept(Message{Vector: 0x31, Mode: Fixed})
+	l.Accept(Message{Vector: 0x40, Mode: Fixed})
+	l.AckInterrupt(0x40)
+	d := l.Describe()
+	for _, want := range []string{"enabled=true", "isr=64", "irr=49", "timer-armed=no"} {
+		if !strings.Contains(d, want) {
+			t.Errorf("Describe() = %q, lacks %q", d, want)
+		}
 	}
 }

@@ -2,6 +2,7 @@ package irqchip
 
 import (
 	"encoding/binary"
+	"fmt"
 	"math/bits"
 	"sync"
 	"time"
@@ -687,4 +688,18 @@ func (l *LAPIC) TSCDeadline() uint64 {
 		return 0
 	}
 	return l.deadline
+}
+
+// Describe is a one-line summary of the APIC's state for a hung-guest
+// report: enabled, TPR, highest ISR and IRR vectors, the timer's LVT entry
+// and whether it is armed.
+func (l *LAPIC) Describe() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	armed := "no"
+	if l.timer != nil {
+		armed = "yes"
+	}
+	return fmt.Sprintf("apic enabled=%v tpr=%#x isr=%d irr=%d lvtt=%#x timer-armed=%s tsc-deadline=%d accepted=%d injected=%d",
+		l.enabledLocked(), l.tpr, highest(&l.isr), highest(&l.irr), l.lvt[lvtTimer], armed, l.deadline, l.accepted, l.injected)
 }

@@ -126,3 +126,20 @@ type CPUIDEntry struct {
 	Function, Index, Flags uint32
 	EAX, EBX, ECX, EDX     uint32
 }
+
+// TSCKHz returns the TSC frequency KVM gives vCPUs on this host, from a
+// throwaway VM (KVM_GET_TSC_KHZ is a vCPU ioctl), for callers that need it
+// before their own vCPUs exist.
+func (s *System) TSCKHz() (uint64, error) {
+	vm, err := s.CreateVM()
+	if err != nil {
+		return 0, err
+	}
+	defer vm.Close()
+	c, err := vm.CreateVCPU(0)
+	if err != nil {
+		return 0, err
+	}
+	defer c.Close()
+	return c.GetTSCKHz()
+}

@@ -144,3 +144,15 @@ func TestIRQFDAndIOEventFDNeedIRQChip(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+func TestTSCKHz(t *testing.T) {
+	s := openOrSkip(t)
+	khz, err := s.TSCKHz()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if khz == 0 {
+		t.Fatal("TSC frequency 0 kHz")
+	}
+	t.Logf("TSC: %d kHz", khz)
+}

@@ -7,9 +7,11 @@ import (
 	"io"
 	"log/slog"
 	"slices"
+	"strings"
 
 	"github.com/hpcvm/hpcvm/vmm/bus"
 	"github.com/hpcvm/hpcvm/vmm/dsm"
+	"github.com/hpcvm/hpcvm/vmm/kvm"
 	"github.com/hpcvm/hpcvm/vmm/machine"
 )
 
@@ -49,6 +51,11 @@ func RunSlice(ctx context.Context, sc SliceConfig) (dsm.SliceResult, error) {
 	if cfg.Console == nil {
 		cfg.Console = io.Discard
 	}
+	if sc.Transport.ID == 0 {
+		if cfg.Cmdline, err = withTSCFrequency(cfg.Cmdline); err != nil {
+			return dsm.SliceResult{}, err
+		}
+	}
 	// No 8259 pair: the slices emulate the local APICs and the IOAPIC.
 	legacy := legacyDevices
 	legacy.NoPIC = true
@@ -77,6 +84,27 @@ func RunSlice(ctx context.Context, sc SliceConfig) (dsm.SliceResult, error) {
 	})
 	res.Exit = console.explain(res.Exit)
 	return res, err
+}
+
+// withTSCFrequency appends tsc_early_khz= (unless the command line sets it):
+// a distributed guest has no kvmclock (it would bypass page coherence, see
+// vmm/machine's CPUID), no PIT and no HPET, so Linux cannot measure the
+// TSC and would mark it unusable, leaving no clock and no timer. Every
+// slice's guest TSC counts at this rate (vmm/dsm, guest time).
+func withTSCFrequency(cmdline string) (string, error) {
+	if strings.Contains(" "+cmdline, " tsc_early_khz=") {
+		return cmdline, nil
+	}
+	sys, err := kvm.Open()
+	if err != nil {
+		return "", err
+	}
+	defer sys.Close()
+	khz, err := sys.TSCKHz()
+	if err != nil {
+		return "", fmt.Errorf("the TSC frequency for the guest: %w", err)
+	}
+	return fmt.Sprintf("%s tsc_early_khz=%d", cmdline, khz), nil
 }
 
 // CheckBootPlacement checks what a Linux guest adds to dsm.CheckPlacement:

@@ -17,6 +17,13 @@ type Hooks interface {
 	HandleExit(c *kvm.VCPU, e *kvm.Exit) (handled bool, err error)
 }
 
+// VCPUDescriber is an optional part of Hooks: a one-line description of a
+// vCPU's state outside KVM (interrupt controller, halted or waiting), logged
+// with its registers when the machine is stopped from outside or fails.
+type VCPUDescriber interface {
+	DescribeVCPU(id int) string
+}
+
 // Kick forces vCPU id out of KVM_RUN (or makes its next KVM_RUN return at
 // once) so its run loop calls Hooks.BeforeRun again. It does nothing if
 // this machine does not run vCPU id.

@@ -324,6 +324,7 @@ func (m *Machine) runVCPU(c *kvm.VCPU) {
 	defer c.UnlockThread()
 	for {
 		if m.checkpoint() {
+			m.reportStopState(c)
 			return
 		}
 		if m.cfg.Hooks != nil {
@@ -406,6 +407,32 @@ func (m *Machine) parkForever() {
 		m.cond.Wait()
 	}
 	m.parked--
+}
+
+// reportStopState logs where a vCPU was when the machine was stopped from
+// outside or failed (not when the guest powered off, reset or panicked):
+// for a guest that hung, this is the first clue (like QEMU's "info
+// registers"). A Hooks that is also a VCPUDescriber adds its own state.
+func (m *Machine) reportStopState(c *kvm.VCPU) {
+	m.mu.Lock()
+	kind := m.exit.Kind
+	m.mu.Unlock()
+	if kind != ExitStopped && kind != ExitError {
+		return
+	}
+	r, err := c.GetRegs()
+	if err != nil {
+		return
+	}
+	attrs := []any{"vcpu", c.ID(), "rip", fmt.Sprintf("%#x", r.RIP), "rsp", fmt.Sprintf("%#x", r.RSP),
+		"rflags", fmt.Sprintf("%#x", r.RFLAGS)}
+	if sr, err := c.GetSregs(); err == nil {
+		attrs = append(attrs, "cr3", fmt.Sprintf("%#x", sr.CR3), "cpl", sr.CS.DPL)
+	}
+	if d, ok := m.cfg.Hooks.(VCPUDescriber); ok {
+		attrs = append(attrs, "state", d.DescribeVCPU(c.ID()))
+	}
+	m.log.Warn("vcpu state at stop", attrs...)
 }
 
 // where describes a vCPU's instruction pointer for error messages.

@@ -86,8 +86,14 @@ func setLVT(l *kvm.LAPICState, off int, mode uint32) {
 // Without the in-kernel irqchip (a distributed VM's slices emulate an xAPIC
 // in userspace, vmm/irqchip) the guest must not use x2APIC, nor the KVM
 // paravirtual features that KVM implements on its own local APIC (PV EOI,
-// PV IPIs, PV unhalt, directed yield, async page faults by interrupt):
-// only kvmclock and the no-I/O-delay hint are kept.
+// PV IPIs, PV unhalt, directed yield, async page faults by interrupt).
+// kvmclock goes too: the userspace irqchip serves distributed VMs, where
+// each slice's KVM writes its vCPUs' pvclock records straight into its own
+// copy of a guest page, past the write protection that keeps pages
+// coherent, so another vCPU's record reads back stale or zero. The guest
+// uses the TSC instead, which every slice derives from the shared guest
+// clock (vmm/dsm), advertised invariant so Linux trusts it across CPUs.
+// Only the no-I/O-delay hint is left.
 func cpuidFor(supported []kvm.CPUIDEntry, id, n int, inKernelIRQChip bool) []kvm.CPUIDEntry {
 	shift := uint32(bits.Len(uint(n - 1))) // APIC-id bits for the core level
 	out := make([]kvm.CPUIDEntry, 0, len(supported))
@@ -129,6 +135,10 @@ func cpuidFor(supported []kvm.CPUIDEntry, id, n int, inKernelIRQChip bool) []kvm
 			}
 		case 0x80000001:
 			e.ECX &^= 1 << 2 // no SVM: see noNestedVirt
+		case 0x80000007:
+			if !inKernelIRQChip {
+				e.EDX |= 1 << 8 // invariant TSC
+			}
 		case 0x80000008: // AMD: number of cores - 1 and APIC-id core bits
 			e.ECX = e.ECX&^0xF0FF | uint32(n-1)&0xff | shift<<12
 		}
@@ -137,11 +147,11 @@ func cpuidFor(supported []kvm.CPUIDEntry, id, n int, inKernelIRQChip bool) []kvm
 	return fixXSave(out)
 }
 
-// KVM's paravirtual feature leaf and the features usable without KVM's
-// local APIC: CLOCKSOURCE, NOP_IO_DELAY, CLOCKSOURCE2, CLOCKSOURCE_STABLE_BIT.
+// KVM's paravirtual feature leaf and the one feature kept without KVM's
+// local APIC: NOP_IO_DELAY.
 const (
 	kvmCPUIDFeatures          = 0x40000001
-	kvmFeaturesWithoutIRQChip = 1<<0 | 1<<1 | 1<<3 | 1<<24
+	kvmFeaturesWithoutIRQChip = 1 << 1
 )
 
 // fixXSave keeps CPUID leaf 0xD consistent with the feature bits: a host

@@ -67,20 +67,25 @@ func TestCPUIDHidesNestedVirtualization(t *testing.T) {
 
 func TestCPUIDWithoutInKernelIRQChip(t *testing.T) {
 	const x2apic = 1 << 21
-	const pvEOI, pvSendIPI, clocksource2, stable = 1 << 6, 1 << 11, 1 << 3, 1 << 24
+	const pvEOI, pvSendIPI, clocksource2, stable, noIODelay = 1 << 6, 1 << 11, 1 << 3, 1 << 24, 1 << 1
+	const invariantTSC = 1 << 8
 	sup := []kvm.CPUIDEntry{
 		{Function: 1, ECX: x2apic | 1},
-		{Function: 0x40000001, EAX: pvEOI | pvSendIPI | clocksource2 | stable},
+		{Function: 0x40000001, EAX: pvEOI | pvSendIPI | clocksource2 | stable | noIODelay},
+		{Function: 0x80000007},
 	}
 	in := cpuidFor(sup, 0, 2, true)
-	if in[0].ECX&x2apic == 0 || in[1].EAX != pvEOI|pvSendIPI|clocksource2|stable {
-		t.Errorf("with the in-kernel irqchip the guest keeps x2APIC and every PV feature: %+v", in)
+	if in[0].ECX&x2apic == 0 || in[1].EAX != pvEOI|pvSendIPI|clocksource2|stable|noIODelay || in[2].EDX != 0 {
+		t.Errorf("with the in-kernel irqchip the guest keeps x2APIC, every PV feature and KVM's TSC bits: %+v", in)
 	}
 	out := cpuidFor(sup, 0, 2, false)
 	if out[0].ECX&^(1<<31) != 1|1<<24 { // bit 31: hypervisor present
 		t.Errorf("leaf 1 ecx %#x: want x2APIC cleared, TSC deadline set, the rest kept", out[0].ECX)
 	}
-	if out[1].EAX != clocksource2|stable {
-		t.Errorf("KVM features %#x: want only kvmclock's (%#x)", out[1].EAX, clocksource2|stable)
+	if out[1].EAX != noIODelay {
+		t.Errorf("KVM features %#x: want only NOP_IO_DELAY (kvmclock bypasses page coherence)", out[1].EAX)
+	}
+	if out[2].EDX != invariantTSC {
+		t.Errorf("leaf 0x80000007 edx %#x: want the invariant TSC bit", out[2].EDX)
 	}
 }

@@ -21,6 +21,7 @@ package virtnode
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -67,6 +68,9 @@ type Assets struct {
 	Kernel string // vmlinux (PVH ELF) or bzImage
 	Initrd string // node initramfs
 	ModDir string // host path of the kernel's lib/modules/<release> (optional)
+	// QEMU runs the nodes and QEMUData is its data directory (-L); empty:
+	// qemu-system-x86_64 from PATH with its own data.
+	QEMU, QEMUData string
 }
 
 // FindAssets locates the node assets built by `make node-assets`:
@@ -85,6 +89,18 @@ func FindAssets() (Assets, error) {
 	}
 	if b, err := os.ReadFile(filepath.Join(dir, "moddir")); err == nil {
 		a.ModDir = strings.TrimSpace(string(b))
+	}
+	if b, err := os.ReadFile(filepath.Join(dir, "qemu")); err == nil {
+		a.QEMU = strings.TrimSpace(string(b))
+		if _, err := os.Stat(a.QEMU); err != nil {
+			return a, fmt.Errorf("virt-node QEMU missing (%v); run `make node-assets`", err)
+		}
+		if b, err := os.ReadFile(filepath.Join(dir, "qemu-data")); err == nil {
+			a.QEMUData = strings.TrimSpace(string(b))
+		}
+	}
+	if q := os.Getenv("HPCVM_VN_QEMU"); q != "" {
+		a.QEMU, a.QEMUData = q, os.Getenv("HPCVM_VN_QEMU_DATA")
 	}
 	return a, nil
 }
@@ -340,7 +356,7 @@ func (c *Cluster) startNode(n *Node) error {
 	shares := []string{"vnctl=" + n.ctl}
 	qargs := []string{
 		"-t", strconv.Itoa(c.holder.Process.Pid), "-n", "--",
-		"qemu-system-x86_64",
+		cmp.Or(a.QEMU, "qemu-system-x86_64"),
 		"-name", n.Name,
 		"-accel", accel(), "-machine", "q35", "-cpu", "EPYC,+svm,+npt",
 		"-smp", strconv.Itoa(c.cfg.CPUs), "-m", strconv.Itoa(c.cfg.MemMiB),
@@ -357,6 +373,10 @@ func (c *Cluster) startNode(n *Node) error {
 		"-device", "virtio-9p-pci,fsdev=ctl,mount_tag=vnctl",
 		"-netdev", fmt.Sprintf("tap,id=net0,ifname=tap%d,script=no,downscript=no", n.Index),
 		"-device", fmt.Sprintf("virtio-net-pci,netdev=net0,mac=52:54:00:77:00:%02x", n.Index),
+	}
+	if a.QEMUData != "" {
+		// Its own ROMs first, then the host's firmware (SeaBIOS, iPXE).
+		qargs = append(qargs, "-L", a.QEMUData, "-L", "/usr/share/qemu", "-L", "/usr/share/seabios")
 	}
 	for i, s := range c.cfg.Shares {
 		tag := fmt.Sprintf("vs%d", i)

@@ -5,6 +5,9 @@
 #   initramfs.cpio.gz   busybox-static + the modules in node-modules.txt + init.sh
 #   root/               the unpacked kernel package (its lib/modules is bind-mounted
 #                       into each node, so modprobe works there for anything else)
+#   qemu, qemu-data     paths of the QEMU that runs the nodes and of its data dir:
+#                       Debian's bookworm-backports QEMU, unpacked under
+#                       $HPCVM_CACHE/qemu/<version> (the host's packages are not touched)
 # and points $HPCVM_CACHE/node/current at that directory.
 # Idempotent: the kernel package is downloaded and unpacked once per version,
 # the initramfs is rebuilt only when its inputs (this directory, busybox) change.
@@ -13,6 +16,12 @@ set -euo pipefail
 PKG=linux-image-6.1.0-49-amd64
 VER=6.1.174-1
 KREL=6.1.0-49-amd64
+# QEMU 7.2 (bookworm) hangs nodes: a nested guest spinning without exits
+# starved the node of its own interrupts until it stopped dead
+# (docs/testing.md). bookworm-backports carries 10.0.
+QEMU_SUITE=bookworm-backports
+QEMU_VER=1:10.0.2+ds-2+deb13u1~bpo12+1
+QEMU_PKGS="qemu-system-x86 qemu-system-data qemu-system-common"
 
 here=$(cd "$(dirname "$0")" && pwd)
 cache=${HPCVM_CACHE:-$HOME/.cache/hpcvm}
@@ -85,5 +94,27 @@ if [ ! -f "$out/initramfs.cpio.gz" ] || [ "$(cat "$out/initramfs.key" 2>/dev/nul
 	rm -rf "$ir"
 	trap - EXIT
 fi
+# 3. The node QEMU: one exact version from a private apt list, so the host's
+# sources and installed packages stay as they are.
+qdir=$cache/qemu/$(echo "$QEMU_VER" | tr ':~+' '___')
+if [ ! -x "$qdir/root/usr/bin/qemu-system-x86_64" ]; then
+	tmp=$(mktemp -d "$cache/qemu-dl.XXXXXX") && chmod 755 "$tmp"
+	trap 'rm -rf "$tmp"' EXIT
+	mkdir -p "$tmp/lists/partial"
+	echo "deb http://deb.debian.org/debian $QEMU_SUITE main" >"$tmp/sources.list"
+	apt=(-o Dir::Etc::sourcelist="$tmp/sources.list" -o Dir::Etc::sourceparts=- -o Dir::State::Lists="$tmp/lists")
+	apt-get -q "${apt[@]}" update >/dev/null
+	(cd "$tmp" && for p in $QEMU_PKGS; do apt-get -q "${apt[@]}" download "$p=$QEMU_VER"; done)
+	mkdir -p "$tmp/root"
+	for d in "$tmp"/*.deb; do dpkg-deb -x "$d" "$tmp/root"; done
+	missing=$(ldd "$tmp/root/usr/bin/qemu-system-x86_64" | grep 'not found' || true)
+	[ -z "$missing" ] || { printf "mkassets: the node QEMU lacks libraries:\n%s\n" "$missing" >&2; exit 1; }
+	rm -rf "$qdir" && mkdir -p "$qdir"
+	mv "$tmp/root" "$qdir/root"
+	rm -rf "$tmp"
+	trap - EXIT
+fi
+echo "$qdir/root/usr/bin/qemu-system-x86_64" >"$out/qemu"
+echo "$qdir/root/usr/share/qemu" >"$out/qemu-data"
 ln -sfn "$VER" "$cache/node/current"
 echo "mkassets: node assets ready in $out"

@@ -105,6 +105,19 @@ if [ ! -x "$qdir/root/usr/bin/qemu-system-x86_64" ]; then
 	apt=(-o Dir::Etc::sourcelist="$tmp/sources.list" -o Dir::Etc::sourceparts=- -o Dir::State::Lists="$tmp/lists")
 	apt-get -q "${apt[@]}" update >/dev/null
 	(cd "$tmp" && for p in $QEMU_PKGS; do apt-get -q "${apt[@]}" download "$p=$QEMU_VER"; done)
+	# Its libraries come from bookworm: install what the host lacks (QEMU
+	# 10 needs a few that 7.2 does not, e.g. libasound2, libcacard0).
+	deps=$(for d in "$tmp"/*.deb; do dpkg-deb -f "$d" Depends; done | tr ',' '\n' |
+		sed 's/(.*)//; s/|.*//; s/[[:space:]]//g' | grep -v '^qemu-system' | sort -u)
+	missing=""
+	for p in $deps; do
+		dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing="$missing $p"
+	done
+	if [ -n "$missing" ]; then
+		echo "mkassets: installing the node QEMU's libraries:$missing"
+		apt-get install -y --no-install-recommends $missing ||
+			{ apt-get update && apt-get install -y --no-install-recommends $missing; }
+	fi
 	mkdir -p "$tmp/root"
 	for d in "$tmp"/*.deb; do dpkg-deb -x "$d" "$tmp/root"; done
 	missing=$(ldd "$tmp/root/usr/bin/qemu-system-x86_64" | grep 'not found' || true)

@@ -50,6 +50,16 @@ func TestLinuxAcrossSlices(t *testing.T) {
 	}
 }
 
+// sliceDir makes a node-local directory (the node's /run: the secret must
+// not sit on a 9p share) holding a fresh VM secret in key, removed when the
+// test ends.
+func sliceDir(t *testing.T, ctx context.Context, n *virtnode.Node) string {
+	dir := fmt.Sprintf("/run/e2e-slices-%d", time.Now().UnixNano())
+	n.MustRun(t, ctx, fmt.Sprintf("set -e; mkdir -p %[1]s; head -c 32 /dev/urandom > %[1]s/key; chmod 600 %[1]s/key", dir))
+	t.Cleanup(func() { n.Run(context.Background(), "rm -rf "+dir) })
+	return dir
+}
+
 func runSlices(t *testing.T, n *virtnode.Node, bin string, art guestvm.Artifacts, disk testDisk, placement string) {
 	// HPCVM_E2E_SLICE_TIMEOUT (default 4m) bounds each case: across slices
 	// in a node every page hand-off costs milliseconds (docs/dsm.md).
@@ -74,14 +84,11 @@ func runSlices(t *testing.T, n *virtnode.Node, bin string, art guestvm.Artifacts
 		}
 		cpus += b - a + 1
 	}
-	dir := fmt.Sprintf("/run/e2e-slices-%d", time.Now().UnixNano())
+	dir := sliceDir(t, ctx, n)
 	var peers []string
 	for i := range groups {
 		peers = append(peers, fmt.Sprintf("127.0.0.1:%d", 7600+i))
 	}
-	n.MustRun(t, ctx, fmt.Sprintf("set -e; mkdir -p %[1]s; head -c 32 /dev/urandom > %[1]s/key; chmod 600 %[1]s/key", dir))
-	defer n.Run(context.Background(), "rm -rf "+dir)
-
 	cmdline := guestvm.BaseCmdline + " hpcvm.disk=ro hpcvm.test=/check.sh"
 	if extra := os.Getenv("HPCVM_E2E_CMDLINE_EXTRA"); extra != "" {
 		cmdline += " " + extra // e.g. loglevel=7 when debugging
@@ -151,9 +158,6 @@ func TestMicroGuestsAcrossSlices(t *testing.T) {
 	n := r.Node
 	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
 	defer cancel()
-	dir := fmt.Sprintf("/run/e2e-mg-%d", time.Now().UnixNano())
-	n.MustRun(t, ctx, fmt.Sprintf("set -e; mkdir -p %[1]s; head -c 32 /dev/urandom > %[1]s/key; chmod 600 %[1]s/key", dir))
-	defer n.Run(context.Background(), "rm -rf "+dir)
 	for _, tc := range []struct {
 		prog, want string
 		iters      int
@@ -163,8 +167,8 @@ func TestMicroGuestsAcrossSlices(t *testing.T) {
 		{"spinlock", `"value":10000},{"addr":"0x100008","value":10000}`, 5000},
 	} {
 		t.Run(tc.prog, func(t *testing.T) {
-			healthyNode(t)
-			n.MustRun(t, ctx, fmt.Sprintf("set -e; mkdir -p %[1]s; head -c 32 /dev/urandom > %[1]s/key; chmod 600 %[1]s/key", dir))
+			healthyNode(t) // mp hung nodes under QEMU 7.2
+			dir := sliceDir(t, ctx, n)
 			var procs []*virtnode.Proc
 			for id := 0; id < 2; id++ {
 				argv := []string{bin, "slice", "--id", strconv.Itoa(id), "--peers", "127.0.0.1:7700,127.0.0.1:7701",

@@ -68,8 +68,10 @@ type sliceOutput struct {
 	Reports []uint32          `json:"reports"`
 	Results []sliceResult     `json:"results,omitempty"`
 	Stats   dsm.StatsSnapshot `json:"stats"`
-	VCPUs   []int             `json:"vcpus"`
-	Elapsed string            `json:"elapsed"`
+	// HotPages: the guest pages this slice requested most (docs/dsm.md).
+	HotPages []dsm.HotPage `json:"hot_pages,omitempty"`
+	VCPUs    []int         `json:"vcpus"`
+	Elapsed  string        `json:"elapsed"`
 }
 
 type sliceResult struct {
@@ -405,7 +407,7 @@ func runSlice(o *sliceOpts, stdout io.Writer) int {
 // endSlice prints the slice's JSON summary on stdout and a one-line error
 // on stderr unless the VM powered off; it returns the exit status.
 func endSlice(stdout io.Writer, o *sliceOpts, start time.Time, res dsm.SliceResult, err error, reports []uint32, results []sliceResult) int {
-	out := sliceOutput{Slice: o.id, Exit: res.Exit.Kind.String(), Reason: res.Exit.Reason, Stats: res.Stats,
+	out := sliceOutput{Slice: o.id, Exit: res.Exit.Kind.String(), Reason: res.Exit.Reason, Stats: res.Stats, HotPages: res.HotPages,
 		VCPUs: o.placement[o.id], Elapsed: time.Since(start).Round(time.Millisecond).String(),
 		Reports: reports, Results: results}
 	if err != nil {

@@ -92,3 +92,22 @@ func TestStoreBufferingWithoutFence(t *testing.T) {
 	}
 	t.Logf("both-zero outcomes without mfence: %d of %d", r.reports[0], iters)
 }
+
+// TestHotPagesNameTheContendedPages: pingpong makes two vCPUs on two
+// slices take turns writing pages A and B, so on each slice those pages top
+// the list with about one request per turn, far above code and stack.
+func TestHotPagesNameTheContendedPages(t *testing.T) {
+	const iters = 300
+	r := runInProcess(t, 2, 2, "pingpong", iters)
+	for i, hot := range r.hot {
+		if len(hot) < 2 || len(hot) > 10 {
+			t.Fatalf("slice %d: %d hot pages, want 2..10: %+v", i, len(hot), hot)
+		}
+		top := map[uint64]bool{hot[0].GPA: true, hot[1].GPA: true}
+		if !top[pageA] || !top[pageB] || hot[1].Requests < iters/2 {
+			t.Errorf("slice %d hot pages %+v: want pages %#x and %#x first, each requested >= %d times",
+				i, hot, pageA, pageB, iters/2)
+		}
+		t.Logf("slice %d: %+v", i, hot[:2])
+	}
+}

@@ -58,6 +58,7 @@ type vmRun struct {
 	reports []uint32 // all slices' reports, sorted
 	finals  []uint64 // qwords at the program's final addresses, read coherently on slice 0
 	stats   []StatsSnapshot
+	hot     [][]HotPage // per slice
 	elapsed time.Duration
 }
 
@@ -132,6 +133,7 @@ func runInProcess(t testing.TB, n, ncpu int, prog string, iters int) vmRun {
 		}
 		out.reports = append(out.reports, reps[i].reports...)
 		out.stats = append(out.stats, res[i].Stats)
+		out.hot = append(out.hot, res[i].HotPages)
 	}
 	sort.Slice(out.reports, func(a, b int) bool { return out.reports[a] < out.reports[b] })
 	return out

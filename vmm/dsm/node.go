@@ -16,6 +16,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math/bits"
+	"sort"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -48,6 +49,7 @@ type page struct {
 	st       pstate
 	mapped   bool
 	inflight chan struct{} // closed when this slice's outstanding request is granted
+	requests atomic.Int32  // requests this slice sent for the page (HotPages)
 }
 
 // dirEntry is the home's directory entry for a page: who has copies.
@@ -71,6 +73,30 @@ type region struct {
 	gpa   uint64
 	host  []byte
 	first int // index of the region's first page
+}
+
+// HotPage is a guest page and how many requests this slice sent for it.
+type HotPage struct {
+	GPA      uint64 `json:"gpa"`
+	Requests int64  `json:"requests"`
+}
+
+// HotPages returns the n pages this slice requested most often, most
+// requested first: where a guest's sharing (or false sharing) is.
+func (nd *Node) HotPages(n int) []HotPage {
+	var hot []HotPage
+	for idx := range nd.pages {
+		if c := nd.pages[idx].requests.Load(); c > 0 {
+			hot = append(hot, HotPage{GPA: nd.pfn(idx) * PageSize, Requests: int64(c)})
+		}
+	}
+	sort.Slice(hot, func(i, j int) bool {
+		if hot[i].Requests != hot[j].Requests {
+			return hot[i].Requests > hot[j].Requests
+		}
+		return hot[i].GPA < hot[j].GPA
+	})
+	return hot[:min(n, len(hot))]
 }
 
 // Stats counts protocol events on one slice.
@@ -375,6 +401,7 @@ func (nd *Node) onFault(idx int, write bool) error {
 }
 
 func (nd *Node) request(idx int, write bool) {
+	nd.pages[idx].requests.Add(1)
 	m := Msg{Type: MsgReadReq, ReqID: nd.seq.Add(1), Page: nd.pfn(idx)}
 	if write {
 		m.Type = MsgWriteReq

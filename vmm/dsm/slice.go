@@ -67,6 +67,8 @@ type Home struct {
 type SliceResult struct {
 	Exit  machine.Exit
 	Stats StatsSnapshot
+	// HotPages are the pages this slice requested most (at most 10).
+	HotPages []HotPage
 }
 
 // StatsSnapshot is a copy of Stats.
@@ -249,7 +251,7 @@ func RunSlice(ctx context.Context, cfg SliceConfig) (SliceResult, error) {
 		// Stopped locally (ctx) or failed: make sure the others stop too.
 		s.tr.Close()
 	}
-	res := SliceResult{Exit: exit, Stats: s.node.Stats.Snapshot()}
+	res := SliceResult{Exit: exit, Stats: s.node.Stats.Snapshot(), HotPages: s.node.HotPages(10)}
 	if err := s.node.Err(); err != nil {
 		return res, err
 	}

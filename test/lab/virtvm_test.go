@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/hpcvm/hpcvm/test/guestvm"
 )
 
 // TestVirtLabDebian12Job runs a real VM job: sbatch -N 2 --vm-image=debian12
@@ -26,13 +28,23 @@ func TestVirtLabDebian12Job(t *testing.T) {
 	script := filepath.Join(work, "job.sh")
 	os.WriteFile(script, []byte("#!/bin/sh\n#SBATCH --exclusive\ngrep PRETTY_NAME /etc/os-release\necho cpus=$(nproc) job=$SLURM_JOB_ID\necho err-line >&2\nexit 3\n"), 0o755)
 	out, errf := filepath.Join(work, "job.out"), filepath.Join(work, "job.err")
-	id, _, err := Submit(ctx, c, fmt.Sprintf("sbatch -N 2 --vm-image=debian12 --vm-console=%s/console.log -o %s -e %s %s", work, out, errf, script))
-	if err != nil {
-		t.Fatal(err)
+	run := func() (string, Job) {
+		id, _, err := Submit(ctx, c, fmt.Sprintf("sbatch -N 2 --vm-image=debian12 --vm-console=%s/console.log -o %s -e %s %s", work, out, errf, script))
+		if err != nil {
+			t.Fatal(err)
+		}
+		j, err := WaitJob(ctx, c, id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return id, j
 	}
-	j, err := WaitJob(ctx, c, id)
-	if err != nil {
-		t.Fatal(err)
+	id, j := run()
+	if e, _ := os.ReadFile(errf); j.ExitCode != "3:0" && guestvm.TripleFaulted(string(e)) {
+		// A known failure of Debian guests in virt nodes (docs/testing.md,
+		// guestvm.PlatformReset); a VMM bug would reset again.
+		t.Logf("job %s: the guest triple-faulted (%s %s); submitting once more", id, j.State, j.ExitCode)
+		id, j = run()
 	}
 	o, _ := os.ReadFile(out)
 	e, _ := os.ReadFile(errf)

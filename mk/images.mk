@@ -42,3 +42,18 @@ e2e: agent
 e2e-images: build node-assets guest-kernel guest-initramfs image-debian12
 	HPCVM_E2E_REQUIRE=1 HPCVM_BIN=$(BIN)/hpcvm HPCVM_IMAGE_STORE=$(IMAGE_STORE) $(GO) test -tags e2e,e2eimages -count=1 -p 1 -v \
 		-timeout 60m -run 'TestRun' ./test/e2e/
+
+# e2e-images-loop: the Debian-guest stability measurement of docs/testing.md,
+# rerunnable: TestRun with the Debian image LOOP times (default 4), each in
+# fresh nodes; prints every run's outcome, its retries (a guest triple
+# fault) and node failures, and a pass count. Exits non-zero unless all pass.
+LOOP ?= 4
+.PHONY: e2e-images-loop
+e2e-images-loop: build node-assets guest-kernel guest-initramfs image-debian12
+	@pass=0; mkdir -p $(BIN)/loop; for i in $$(seq 1 $(LOOP)); do \
+		start=$$(date +%s); \
+		HPCVM_E2E_REQUIRE=1 HPCVM_BIN=$(BIN)/hpcvm HPCVM_IMAGE_STORE=$(IMAGE_STORE) $(GO) test -tags e2e,e2eimages -count=1 -p 1 -v \
+			-timeout 30m -run 'TestRun$$' ./test/e2e/ >$(BIN)/loop/run$$i.log 2>&1 && { pass=$$((pass+1)); r=PASS; } || r=FAIL; \
+		echo "run $$i: $$r after $$(( $$(date +%s) - start )) s; guest resets retried: $$(grep -c 'triple-faulted' $(BIN)/loop/run$$i.log);" \
+			"node failures: $$(grep -cE 'virt node hung|died while running' $(BIN)/loop/run$$i.log) ($(BIN)/loop/run$$i.log)"; \
+	done; echo "e2e-images-loop: $$pass of $(LOOP) runs passed"; [ $$pass -eq $(LOOP) ]

@@ -13,6 +13,7 @@ import (
 
 	"github.com/hpcvm/hpcvm/test/guestvm"
 	"github.com/hpcvm/hpcvm/test/virtnode"
+	"github.com/hpcvm/hpcvm/vmm/dsm"
 )
 
 // TestLinuxAcrossSlices boots the minimal test kernel as `hpcvm slice`
@@ -73,16 +74,13 @@ func runSlices(t *testing.T, n *virtnode.Node, bin string, art guestvm.Artifacts
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), limit+2*time.Minute)
 	defer cancel()
-	groups := strings.Split(placement, "/")
-	cpus := 0
-	for _, g := range groups {
-		lo, hi, _ := strings.Cut(g, "-")
-		a, _ := strconv.Atoi(lo)
-		b := a
-		if hi != "" {
-			b, _ = strconv.Atoi(hi)
-		}
-		cpus += b - a + 1
+	groups, err := dsm.ParsePlacement(placement)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cpus, err := dsm.CheckPlacement(groups, len(groups))
+	if err != nil {
+		t.Fatal(err)
 	}
 	dir := sliceDir(t, ctx, n)
 	var peers []string

@@ -38,11 +38,15 @@ func RunSlice(ctx context.Context, sc SliceConfig) (dsm.SliceResult, error) {
 		return dsm.SliceResult{}, err
 	}
 	cfg.CPUs = ncpu
-	validate := cfg.validateMem
 	if sc.Transport.ID == 0 {
-		validate = cfg.Validate
-	}
-	if err := validate(); err != nil {
+		// Slice 0 reads the kernel and disks and writes the command line.
+		if err := cfg.Validate(); err != nil {
+			return dsm.SliceResult{}, err
+		}
+		if cfg.Cmdline, err = withTSCFrequency(cfg.Cmdline); err != nil {
+			return dsm.SliceResult{}, err
+		}
+	} else if err := cfg.validateMem(); err != nil {
 		return dsm.SliceResult{}, err
 	}
 	if cfg.Logger == nil {
@@ -50,11 +54,6 @@ func RunSlice(ctx context.Context, sc SliceConfig) (dsm.SliceResult, error) {
 	}
 	if cfg.Console == nil {
 		cfg.Console = io.Discard
-	}
-	if sc.Transport.ID == 0 {
-		if cfg.Cmdline, err = withTSCFrequency(cfg.Cmdline); err != nil {
-			return dsm.SliceResult{}, err
-		}
 	}
 	// No 8259 pair: the slices emulate the local APICs and the IOAPIC.
 	legacy := legacyDevices

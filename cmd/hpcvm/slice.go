@@ -44,6 +44,7 @@ type sliceOpts struct {
 	guest     string   // for messages: builtin:NAME or the file
 	results   []uint64 // guest-physical addresses printed at the end (slice 0)
 	timeout   time.Duration
+	hold      time.Duration // coherence hold window (dsm.NodeConfig.Hold)
 	verbose   bool
 	linux     *sliceLinux // a Linux guest instead of a micro-guest
 }
@@ -124,7 +125,7 @@ type sliceFlags struct {
 	fs                                              *flag.FlagSet
 	id, iters                                       *int
 	peers, listen, vmID, secretFile, placement, mem *string
-	builtin, program, timeout                       *string
+	builtin, program, timeout, hold                 *string
 	results                                         addrList
 	verbose                                         *bool
 	kernel, initrd, cmdline, vsock, console         *string
@@ -154,6 +155,7 @@ func newSliceFlags() *sliceFlags {
 	f.cid = fs.Uint64("vsock-cid", 3, "guest vsock context ID")
 	f.console = fs.String("console", "", "write the guest's serial console to `FILE` (slice 0; default: stderr)")
 	f.timeout = fs.String("timeout", "0", "stop with an error after `DURATION` (e.g. 10m; 0: no limit)")
+	f.hold = fs.String("hold", "0", "keep a page granted for writing at least `DURATION` before giving it up (e.g. 2ms; damps page-table ping-pong; 0: off)")
 	f.verbose = fs.Bool("v", false, "log protocol events to stderr")
 	fs.Usage = func() { sliceUsage(fs) }
 	return f
@@ -253,6 +255,12 @@ func parseSliceArgs(args []string) (*sliceOpts, error) {
 	}
 	if o.timeout, err = units.ParseDuration(*timeout); err != nil {
 		return nil, fmt.Errorf("--timeout: %w", err)
+	}
+	if o.hold, err = units.ParseDuration(*f.hold); err != nil {
+		return nil, fmt.Errorf("--hold: %w", err)
+	}
+	if o.hold < 0 || o.hold > time.Second {
+		return nil, fmt.Errorf("--hold %s: must be between 0 and 1s", *f.hold)
 	}
 	switch {
 	case o.linux != nil:
@@ -378,6 +386,7 @@ func runSlice(o *sliceOpts, stdout io.Writer) int {
 		MemBytes:  o.memBytes,
 		Loader:    microguest.Program{Code: o.code},
 		DonePort:  dsm.DonePort,
+		Hold:      o.hold,
 		Setup: func(h *dsm.Home) error {
 			return h.Machine.IO.Register("report", dsm.ReportPort, 1, rep)
 		},
@@ -445,6 +454,7 @@ func runLinuxSlice(ctx context.Context, o *sliceOpts, ln net.Listener, lg *slog.
 			Disks: l.disks, VsockPath: l.vsock, VsockCID: uint32(l.cid), Console: console, Logger: lg},
 		Transport: dsm.TransportConfig{ID: o.id, Addrs: o.peers, Listener: ln, VMID: o.vmID, Secret: o.secret, Logger: lg},
 		Placement: o.placement,
+		Hold:      o.hold,
 	}
 	start := time.Now()
 	res, err := linuxvm.RunSlice(ctx, cfg)

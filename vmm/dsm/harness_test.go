@@ -101,6 +101,13 @@ func splitVCPUs(ncpu, n int) [][]int {
 // runInProcess runs prog on n slices inside this process, over loopback.
 func runInProcess(t testing.TB, n, ncpu int, prog string, iters int) vmRun {
 	t.Helper()
+	return runInProcessWith(t, n, ncpu, prog, iters, nil)
+}
+
+// runInProcessWith is runInProcess with last changes to each slice's
+// config (tweak may be nil).
+func runInProcessWith(t testing.TB, n, ncpu int, prog string, iters int, tweak func(i int, cfg *SliceConfig)) vmRun {
+	t.Helper()
 	requireKVMAndUFFD(t)
 	lns, addrs := loopbackListeners(t, n)
 	lg := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
@@ -116,6 +123,9 @@ func runInProcess(t testing.TB, n, ncpu int, prog string, iters int) vmRun {
 	for i := 0; i < n; i++ {
 		reps[i] = &reportDev{}
 		cfg := sliceSpec(i, addrs, lns[i], vc, prog, iters, reps[i], &finals, lg)
+		if tweak != nil {
+			tweak(i, &cfg)
+		}
 		wg.Add(1)
 		go func(i int) {
 			defer wg.Done()

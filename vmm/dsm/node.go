@@ -50,6 +50,9 @@ type page struct {
 	mapped   bool
 	inflight chan struct{} // closed when this slice's outstanding request is granted
 	requests atomic.Int32  // requests this slice sent for the page (HotPages)
+	// grantedAt is when this slice was last granted the page exclusive
+	// (Node.clock nanoseconds): the start of its hold window.
+	grantedAt int64
 }
 
 // dirEntry is the home's directory entry for a page: who has copies.
@@ -109,6 +112,7 @@ type Stats struct {
 	IOForwarded             atomic.Int64 // device accesses sent to slice 0
 	IOServed                atomic.Int64 // slice 0: forwarded device accesses performed
 	IRQsSent, IRQsReceived  atomic.Int64 // interrupt messages to/from other slices
+	Held                    atomic.Int64 // invalidations and fetches deferred by the hold window
 }
 
 // NodeConfig configures a Node.
@@ -125,6 +129,13 @@ type NodeConfig struct {
 	// BusyPoll: the fault reader polls userfaultfd without sleeping for
 	// this long before it waits in poll(2) (0: never spins).
 	BusyPoll time.Duration
+	// Hold is the minimum time a slice keeps a page it was granted for
+	// writing before it answers an invalidation or fetch of it (0: none).
+	// It bounds how often one page can move: with nested paging every
+	// TLB miss on a read-only page-table page is a write fault, and
+	// without a hold two slices steal the page tables from each other
+	// after every single walk (docs/dsm.md, "Hold window").
+	Hold time.Duration
 }
 
 // Node is one slice's coherence engine. It implements memory.Guest.
@@ -143,6 +154,8 @@ type Node struct {
 	control  func(int, *Msg)
 	zero     []byte
 	busyPoll time.Duration
+	hold     time.Duration
+	epoch    time.Time // origin of page.grantedAt
 
 	pmu     sync.Mutex
 	pending map[uint64]chan Msg
@@ -181,7 +194,7 @@ func newNode(cfg NodeConfig) (*Node, error) {
 	}
 	nd := &Node{id: tr.ID(), n: tr.N(), ram: cfg.RAM, tr: tr, log: cfg.Logger.With("slice", tr.ID()),
 		onFail: cfg.OnFail, control: cfg.Control, zero: make([]byte, PageSize), pending: map[uint64]chan Msg{},
-		busyPoll: cfg.BusyPoll}
+		busyPoll: cfg.BusyPoll, hold: cfg.Hold, epoch: time.Now()}
 	nd.ctx, nd.cancel = context.WithCancel(context.Background())
 	npages := 0
 	for _, r := range cfg.RAM.Regions() {
@@ -575,6 +588,9 @@ var errAborted = errors.New("dsm: call aborted")
 func (nd *Node) PeerFailed(peer int, err error) { nd.fail(err) }
 
 func (nd *Node) onFetch(from, idx int, m *Msg) {
+	if nd.deferHeld(idx, m, func(m *Msg) { nd.onFetch(from, idx, m) }) {
+		return
+	}
 	r, err := nd.fetchLocal(idx)
 	if err != nil {
 		nd.fail(fmt.Errorf("slice %d asked for page %#x: %w", from, m.Page, err))
@@ -606,6 +622,9 @@ func (nd *Node) fetchLocal(idx int) (Msg, error) {
 }
 
 func (nd *Node) onInvalidate(from, idx int, m *Msg) {
+	if nd.deferHeld(idx, m, func(m *Msg) { nd.onInvalidate(from, idx, m) }) {
+		return
+	}
 	r, err := nd.invalidateLocal(idx, m.Flags&FlagWantData != 0)
 	if err != nil {
 		nd.fail(err)
@@ -673,6 +692,7 @@ func (nd *Node) onGrant(from, idx int, m *Msg) {
 	}
 	if excl {
 		p.st = exclusive
+		p.grantedAt = nd.now()
 	} else if p.st != exclusive {
 		p.st = shared
 	}
@@ -695,6 +715,43 @@ func (nd *Node) onGrant(from, idx int, m *Msg) {
 	}
 }
 
+func (nd *Node) now() int64 { return int64(time.Since(nd.epoch)) }
+
+// holdLeft returns how much of page idx's hold window is left on this
+// slice (0 if none: no hold configured, or the page is not exclusive here).
+func (nd *Node) holdLeft(idx int) time.Duration {
+	if nd.hold <= 0 {
+		return 0
+	}
+	p := &nd.pages[idx]
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.st != exclusive {
+		return 0
+	}
+	return max(0, nd.hold-time.Duration(nd.now()-p.grantedAt))
+}
+
+// deferHeld postpones a fetch or invalidation of a page still in its hold
+// window: handle runs again with a copy of m once the window ends. The
+// home serves one request per page at a time and waits for this answer,
+// so nothing else for the page arrives meanwhile.
+func (nd *Node) deferHeld(idx int, m *Msg, handle func(*Msg)) bool {
+	d := nd.holdLeft(idx)
+	if d <= 0 {
+		return false
+	}
+	nd.Stats.Held.Add(1)
+	c := *m
+	c.Data = nil // fetch and invalidate carry no data
+	time.AfterFunc(d, func() {
+		if nd.ctx.Err() == nil {
+			handle(&c)
+		}
+	})
+	return true
+}
+
 // enqueue queues a request at the page's home; requests for one page are
 // served one at a time, in arrival order, by one goroutine.
 func (nd *Node) enqueue(idx int, r homeReq) {
@@ -707,7 +764,7 @@ func (nd *Node) enqueue(idx int, r homeReq) {
 	}
 	e.busy = true
 	e.mu.Unlock()
-	if nd.localOnly(e, r) {
+	if nd.localOnly(idx, e, r) {
 		// Common case: no remote slice to wait for, so serve on this
 		// (reader) goroutine and save a goroutine handoff.
 		if err := nd.serve(idx, r); err != nil {
@@ -749,9 +806,14 @@ func (nd *Node) enqueue(idx int, r homeReq) {
 
 // localOnly reports whether serving r needs no reply from another slice.
 // Only the goroutine owning the busy entry calls it.
-func (nd *Node) localOnly(e *dirEntry, r homeReq) bool {
+// A request that takes this slice's own held page away is not local: it
+// has to wait for the hold to end, which a reader goroutine must not do.
+func (nd *Node) localOnly(idx int, e *dirEntry, r homeReq) bool {
 	self := uint64(1) << nd.id
 	bit := uint64(1) << r.from
+	if e.writer == nd.id && r.from != nd.id && nd.holdLeft(idx) > 0 {
+		return false
+	}
 	switch {
 	case e.writer == r.from, !r.write && e.copyset&bit != 0:
 		return true
@@ -854,9 +916,21 @@ func (nd *Node) callMany(set uint64, mk func(slice int) Msg) (map[int]Msg, error
 	}
 	out := make(map[int]Msg, len(calls)+1)
 	if self {
-		// This slice's own part, done directly while the others work.
+		// This slice's own part, done directly while the others work
+		// (after its hold window: callMany never runs on a reader
+		// goroutine when the hold has time left, see localOnly).
 		m := mk(nd.id)
 		idx, _ := nd.pageIndex(m.Page)
+		if d := nd.holdLeft(idx); d > 0 {
+			nd.Stats.Held.Add(1)
+			t := time.NewTimer(d)
+			select {
+			case <-t.C:
+			case <-nd.ctx.Done():
+				t.Stop()
+				return nil, nd.ctxErr()
+			}
+		}
 		var r Msg
 		var err error
 		if m.Type == MsgFetch {

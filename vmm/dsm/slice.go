@@ -40,6 +40,8 @@ type SliceConfig struct {
 	// Finish runs on slice 0 once all vCPUs are done, before shutdown,
 	// with coherent access to guest memory (e.g. to read results).
 	Finish func(g memory.Guest) error
+	// Hold is the coherence hold window (NodeConfig.Hold).
+	Hold   time.Duration
 	Logger *slog.Logger
 }
 
@@ -75,13 +77,14 @@ type SliceResult struct {
 type StatsSnapshot struct {
 	ReadFaults, WriteFaults, Requests, HomeServed, Invalidations, Fetches int64
 	IOForwarded, IOServed, IRQsSent, IRQsReceived                         int64
+	Held                                                                  int64
 }
 
 // Snapshot copies the counters.
 func (s *Stats) Snapshot() StatsSnapshot {
 	return StatsSnapshot{s.ReadFaults.Load(), s.WriteFaults.Load(), s.Requests.Load(), s.HomeServed.Load(),
 		s.Invalidations.Load(), s.Fetches.Load(), s.IOForwarded.Load(), s.IOServed.Load(),
-		s.IRQsSent.Load(), s.IRQsReceived.Load()}
+		s.IRQsSent.Load(), s.IRQsReceived.Load(), s.Held.Load()}
 }
 
 // machine returns the slice's machine once it exists (else nil).
@@ -189,7 +192,7 @@ func RunSlice(ctx context.Context, cfg SliceConfig) (SliceResult, error) {
 	}
 	defer s.tr.Close()
 	// s.node is set before the node starts: the control handlers use it.
-	s.node, err = newNode(NodeConfig{RAM: ram, Transport: s.tr, Logger: cfg.Logger, Control: s.control,
+	s.node, err = newNode(NodeConfig{RAM: ram, Transport: s.tr, Logger: cfg.Logger, Control: s.control, Hold: cfg.Hold,
 		OnFail: func(err error) { s.stopVM(machine.ExitError, err.Error(), err) }})
 	if err != nil {
 		return SliceResult{}, err

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/hpcvm/hpcvm/vmm/bus"
 	"github.com/hpcvm/hpcvm/vmm/dsm"
@@ -24,6 +25,8 @@ type SliceConfig struct {
 	VM        Config
 	Transport dsm.TransportConfig
 	Placement [][]int
+	// Hold is the coherence hold window (dsm.NodeConfig.Hold).
+	Hold time.Duration
 }
 
 // RunSlice runs one slice until the guest powers off or resets (on every
@@ -68,6 +71,7 @@ func RunSlice(ctx context.Context, sc SliceConfig) (dsm.SliceResult, error) {
 	res, err := dsm.RunSlice(ctx, dsm.SliceConfig{
 		Transport: sc.Transport,
 		Placement: sc.Placement,
+		Hold:      sc.Hold,
 		MemBytes:  cfg.MemBytes,
 		Loader:    newLoader(&cfg, legacy),
 		Setup: func(h *dsm.Home) error {

@@ -256,7 +256,7 @@ func parseSliceArgs(args []string) (*sliceOpts, error) {
 	if o.timeout, err = units.ParseDuration(*timeout); err != nil {
 		return nil, fmt.Errorf("--timeout: %w", err)
 	}
-	if o.hold, err = units.ParseDuration(*f.hold); err != nil {
+	if o.hold, err = time.ParseDuration(*f.hold); err != nil {
 		return nil, fmt.Errorf("--hold: %w", err)
 	}
 	if o.hold < 0 || o.hold > time.Second {

@@ -51,6 +51,15 @@ func TestLinuxAcrossSlices(t *testing.T) {
 	}
 }
 
+// holdArgs passes HPCVM_E2E_SLICE_HOLD (e.g. 20ms) as every slice's
+// --hold, to measure the hold window's effect.
+func holdArgs() []string {
+	if v := os.Getenv("HPCVM_E2E_SLICE_HOLD"); v != "" {
+		return []string{"--hold", v}
+	}
+	return nil
+}
+
 // sliceDir makes a node-local directory (the node's /run: the secret must
 // not sit on a 9p share) holding a fresh VM secret in key, removed when the
 // test ends.
@@ -100,6 +109,7 @@ func runSlices(t *testing.T, n *virtnode.Node, bin string, art guestvm.Artifacts
 			// them; only slice 0 reads the files.
 			"--kernel", art.Vmlinux, "--initrd", art.TestInitramfs, "--cmdline", cmdline,
 			"--disk", disk.path + ",ro", "--console", fmt.Sprintf("%s/console.%d", dir, id)}
+		argv = append(argv, holdArgs()...)
 		p, err := n.RunBackground(guestvm.Quote(argv) + " </dev/null")
 		if err != nil {
 			t.Fatal(err)
@@ -172,6 +182,7 @@ func TestMicroGuestsAcrossSlices(t *testing.T) {
 				argv := []string{bin, "slice", "--id", strconv.Itoa(id), "--peers", "127.0.0.1:7700,127.0.0.1:7701",
 					"--vm-id", "e2e-mg", "--secret-file", dir + "/key", "--placement", "0/1",
 					"--builtin", tc.prog, "--iters", strconv.Itoa(tc.iters), "--timeout", "3m"}
+				argv = append(argv, holdArgs()...)
 				p, err := n.RunBackground(guestvm.Quote(argv) + " </dev/null")
 				if err != nil {
 					t.Fatal(err)

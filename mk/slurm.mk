@@ -1,12 +1,12 @@
 # Slurm integration (see docs/slurm.md).
-#   make slurm-deps   Debian's Slurm 22.05 daemons, client, headers and munge (apt, when missing)
+#   make slurm-deps   Debian's Slurm 22.05 daemons, slurmdbd, client, headers, munge and MariaDB (apt, when missing)
 #   make spank        the C SPANK plugin: bin/hpcvm_spank.so
 #   make spank-test   the plugin's fast e2e test (namespaced slurmd nodes on this host, no VMs)
 #   make lab-up / lab-status / lab-down   a Slurm cluster of virt nodes (hpcvm lab)
 #   make e2e-slurm-vm  the real-guest Slurm job test (opt-in: minutes under TCG)
 #   make bench-slurm   submit-to-first-output latency -> docs/benchmarks.md
 #   make demo         the README's main job: sbatch -N 2 --vm-image=debian12 examples/hello.sbatch
-SLURM_APT := slurmctld slurmd slurm-client munge libslurm-dev
+SLURM_APT := slurmctld slurmd slurm-client munge libslurm-dev slurmdbd mariadb-server
 SPANK_SO := $(BIN)/hpcvm_spank.so
 SPANK_SRC := $(wildcard slurm-spank/*.c)
 SPANK_HDR := $(wildcard slurm-spank/*.h)
@@ -22,8 +22,12 @@ slurm-deps:
 	if [ -n "$$missing" ]; then \
 		echo "slurm-deps: installing$$missing"; \
 		if [ "$$(id -u)" != 0 ]; then echo "slurm-deps: need root to apt-get install:$$missing" >&2; exit 1; fi; \
+		rcd=""; if [ ! -e /usr/sbin/policy-rc.d ]; then \
+			printf '#!/bin/sh\n# slurm-deps: no service starts during its apt-get (the lab runs its own daemons)\nexit 101\n' >/usr/sbin/policy-rc.d; \
+			chmod 755 /usr/sbin/policy-rc.d; rcd=1; fi; \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; }; \
+		st=$$?; [ -z "$$rcd" ] || rm -f /usr/sbin/policy-rc.d; exit $$st; \
 	fi
 
 # The plugin is C and links against nothing but libc: Slurm resolves the

@@ -69,8 +69,8 @@ func (c *Config) PlugstackConf() string { return filepath.Join(c.Dir, "etc", "pl
 // MungeKey is the path of the lab's munge key.
 func (c *Config) MungeKey() string { return filepath.Join(c.Dir, "etc", "munge.key") }
 
-// JobCompLog is the completed-jobs log (jobcomp/filetxt): the lab has no
-// slurmdbd, so sacct cannot answer; this file and `scontrol show job` can.
+// JobCompLog is the completed-jobs log (jobcomp/filetxt), kept beside the
+// accounting database (sacct) as a plain-text record.
 func (c *Config) JobCompLog() string { return filepath.Join(c.Dir, "log", "jobcomp.log") }
 
 // ControllerLog is slurmctld's log.
@@ -83,7 +83,7 @@ func (c *Config) SlurmdLog(node string) string {
 
 // write creates the directories, the munge key (once) and the config files.
 func (c *Config) write() error {
-	for _, d := range []string{"etc", "state", "spool", "log", "run", "munge"} {
+	for _, d := range []string{"etc", "state", "spool", "log", "run", "munge", "db"} {
 		if err := os.MkdirAll(filepath.Join(c.Dir, d), 0o755); err != nil {
 			return err
 		}
@@ -123,7 +123,13 @@ func (c *Config) write() error {
 	w("TaskPlugin=task/none")
 	w("SelectType=select/cons_tres")
 	w("SelectTypeParameters=CR_Core_Memory")
-	w("AccountingStorageType=accounting_storage/none")
+	// slurmdbd next to slurmctld (accounting.go): sacct answers.
+	w("AccountingStorageType=accounting_storage/slurmdbd")
+	w("AccountingStorageHost=%s", dbLoopIP)
+	w("AccountingStoragePort=%d", dbdPort)
+	// Connections to slurmdbd take their munge socket from here, not
+	// from AuthInfo.
+	w("AccountingStoragePass=%s", c.MungeSocket)
 	w("JobAcctGatherType=jobacct_gather/none")
 	w("JobCompType=jobcomp/filetxt")
 	w("JobCompLoc=%s", c.JobCompLog())

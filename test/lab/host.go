@@ -47,7 +47,7 @@ func Prerequisites() error {
 			return fmt.Errorf("%s not found: run `make slurm-deps` (Debian packages slurmctld slurmd slurm-client munge)", b)
 		}
 	}
-	return nil
+	return accountingPrerequisites()
 }
 
 func nodeAddr(i int) string { return fmt.Sprintf("10.77.0.%d", 10+i) }
@@ -135,6 +135,16 @@ func StartHost(ctx context.Context, o HostOptions) (_ *HostCluster, err error) {
 	}
 	if err := waitFile(ctx, c.MungeSocket); err != nil {
 		return nil, fmt.Errorf("lab: munged did not start: %w\n%s", err, tail(filepath.Join(c.Dir, "log", "munged.log"), 20))
+	}
+	if err := c.startAccounting(ctx,
+		func(name, script string) error { return c.daemon(c.lab, name, "sh", "-c", script) },
+		func(ctx context.Context, script string) error {
+			cmd := exec.CommandContext(ctx, "nsenter", "-t", strconv.Itoa(c.lab.Process.Pid), "-n", "-u", "--", "sh", "-c", script)
+			cmd.Env = append(os.Environ(), "SLURM_CONF="+c.SlurmConf())
+			out, err := cmd.CombinedOutput()
+			return errScript(script, err, out)
+		}); err != nil {
+		return nil, err
 	}
 	if err := c.daemon(c.lab, "slurmctld", "slurmctld", "-D", "-i", "-f", c.SlurmConf()); err != nil {
 		return nil, err

@@ -206,6 +206,7 @@ exit $1
 			if j.State != tc.state || j.ExitCode != tc.ec {
 				t.Errorf("job %s: %s ExitCode=%s, want %s %s\nstderr: %s", id, j.State, j.ExitCode, tc.state, tc.ec, readFile(t, errf))
 			}
+			wantAcct(t, ctx, l, id, tc.state, tc.ec)
 			nodelist := "n1"
 			if tc.nodes == 2 {
 				nodelist = "n[1-2]"
@@ -287,6 +288,7 @@ func TestLaunchScancelDuringBoot(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	wantAcct(t, ctx, l, id, "CANCELLED", "")
 	if j.State != "CANCELLED" {
 		t.Errorf("job %s: %s, want CANCELLED", id, j.State)
 	}
@@ -326,6 +328,7 @@ wait
 	if err != nil {
 		t.Fatal(err)
 	}
+	wantAcct(t, ctx, l, id, "CANCELLED", "")
 	if j.State != "CANCELLED" {
 		t.Errorf("job %s: %s, want CANCELLED", id, j.State)
 	}
@@ -347,6 +350,7 @@ func TestLaunchTimeLimit(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	wantAcct(t, ctx, l, id, "TIMEOUT", "")
 	if j.State != "TIMEOUT" {
 		t.Errorf("job %s: %s, want TIMEOUT", id, j.State)
 	}
@@ -374,5 +378,19 @@ func TestLaunchRefusedAtSubmission(t *testing.T) {
 		if f := strings.Fields(r.Stdout); f[len(f)-1] != "0" {
 			t.Errorf("%s: a job was queued: %s", tc.image, r)
 		}
+	}
+}
+
+// wantAcct checks that sacct (slurmdbd's record) reports the job's final
+// state and, unless ec is empty, its exit code.
+func wantAcct(t *testing.T, ctx context.Context, c Clienter, id, state, ec string) {
+	t.Helper()
+	a, err := WaitAcct(ctx, c, id)
+	if err != nil {
+		t.Error(err)
+		return
+	}
+	if a.State != state || ec != "" && a.ExitCode != ec {
+		t.Errorf("sacct: job %s %s ExitCode=%s, want %s %s", id, a.State, a.ExitCode, state, ec)
 	}
 }

@@ -128,3 +128,37 @@ func Submit(ctx context.Context, c Clienter, sbatch string) (string, Result, err
 	}
 	return m[1], r, nil
 }
+
+// AcctJob is what `sacct -X` (the job allocation's record in slurmdbd)
+// says about a job.
+type AcctJob struct {
+	ID, State, ExitCode string
+}
+
+// WaitAcct polls `sacct -X -j ID` until slurmdbd holds a final state for
+// the job (slurmctld sends job records to slurmdbd asynchronously). A
+// cancelled job's "CANCELLED by UID" becomes CANCELLED.
+func WaitAcct(ctx context.Context, c Clienter, id string) (AcctJob, error) {
+	var last Result
+	for {
+		r, err := c.Client(ctx, "sacct -n -P -X -j "+id+" -o JobID,State,ExitCode")
+		if err == nil && r.ExitCode == 0 {
+			last = r
+			for _, l := range strings.Split(strings.TrimSpace(r.Stdout), "\n") {
+				f := strings.Split(l, "|")
+				if len(f) != 3 || f[0] != id {
+					continue
+				}
+				state, _, _ := strings.Cut(f[1], " ")
+				if Finished(state) {
+					return AcctJob{ID: id, State: state, ExitCode: f[2]}, nil
+				}
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return AcctJob{}, fmt.Errorf("lab: sacct has no final record of job %s: %w (last: %s, err %v)", id, ctx.Err(), last, err)
+		case <-time.After(300 * time.Millisecond):
+		}
+	}
+}

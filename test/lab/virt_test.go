@@ -71,6 +71,15 @@ func TestVirtLabUp(t *testing.T) {
 			t.Errorf("srun output lacks %q: %s", want, r)
 		}
 	}
+	// Accounting: slurmdbd next to slurmctld records the job for sacct.
+	id, _, err := Submit(ctx, c, "sbatch -N 2 -o /dev/null --wrap 'exit 3'")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if j, err := WaitJob(ctx, c, id); err != nil || j.State != "FAILED" || j.ExitCode != "3:0" {
+		t.Errorf("plain job %s: %s %s, %v; want FAILED 3:0", id, j.State, j.ExitCode, err)
+	}
+	wantAcct(t, ctx, c, id, "FAILED", "3:0")
 	r, err = c.Client(ctx, "sbatch -N 1 --vm-image=forbidden-os --wrap true; echo rc=$?")
 	if err != nil {
 		t.Fatal(err)

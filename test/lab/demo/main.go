@@ -147,22 +147,15 @@ func run(o options) (err error) {
 	}
 	fmt.Printf("\n---- scontrol show job %s ----\n", id)
 	show(ctx, c, "scontrol show job "+id)
-	// The lab runs AccountingStorageType=accounting_storage/none (no
-	// slurmdbd): print whatever sacct really answers.
+	// slurmdbd records the job asynchronously: wait for its final record.
+	actx, acancel := context.WithTimeout(ctx, time.Minute)
+	if _, err := lab.WaitAcct(actx, c, id); err != nil {
+		fmt.Printf("(%v)\n", err)
+	}
+	acancel()
 	sacct := "sacct -j " + id + " --format=JobID,JobName,Partition,NNodes,State,ExitCode,Elapsed"
 	fmt.Printf("---- %s ----\n", sacct)
 	show(ctx, c, sacct)
-	fmt.Println("(the lab has no slurmdbd: AccountingStorageType=accounting_storage/none; Slurm's completion record is jobcomp/filetxt:)")
-	fmt.Printf("---- jobcomp log (%s) ----\n", filepath.Base(c.JobCompLog()))
-	if b, err := os.ReadFile(c.JobCompLog()); err != nil {
-		fmt.Printf("(%v)\n", err)
-	} else {
-		for _, l := range strings.Split(string(b), "\n") {
-			if strings.Contains(l, "JobId="+id+" ") {
-				fmt.Println(l)
-			}
-		}
-	}
 	fmt.Println()
 	say("job %s: %s, ExitCode %s, %v from sbatch to the end", id, j.State, j.ExitCode, elapsed)
 	if j.State != "COMPLETED" || j.ExitCode != "0:0" {

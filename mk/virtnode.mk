@@ -4,10 +4,11 @@
 #   make bench         boot-time benchmark in a virt node -> docs/benchmarks.md
 #   make e2e E2E_RUN=TestBoot/minimal-pvh-1cpu   one test (go test -run syntax)
 #   make e2e-dsm-linux Linux across `hpcvm slice` processes in one node (issue 7; opt-in)
+#   make e2e-reset-rate  guest resets in nodes, hpcvm vs QEMU microvm (TF_KERNEL, TF_RUNS)
 
 # Debian packages the harness needs on the host (installed by virtnode-deps
 # when missing).
-VIRTNODE_APT := qemu-system-x86 busybox-static cpio kmod iproute2 xz-utils util-linux e2fsprogs
+VIRTNODE_APT := qemu-system-x86 busybox-static cpio kmod iproute2 xz-utils zstd util-linux e2fsprogs
 E2E_RUN ?= .
 E2E_TIMEOUT ?= 60m
 E2E_PKGS ?= ./test/virtnode/ ./test/e2e/
@@ -40,3 +41,14 @@ e2e-dsm-linux: build node-assets guest-kernel guest-initramfs
 bench: build node-assets guest-kernel guest-initramfs
 	HPCVM_E2E_REQUIRE=1 HPCVM_BIN=$(BIN)/hpcvm HPCVM_BENCH_DOC=$(CURDIR)/docs/benchmarks.md \
 		$(GO) test -tags bench -count=1 -p 1 -timeout 60m -v -run 'TestBootBench' ./test/bench/
+
+# e2e-reset-rate: how often a 2-vCPU guest fails to boot in a virt node
+# (guest reset: triple fault or panic), hpcvm against QEMU's microvm booted
+# alternately in one node (test/e2e/tfrate_test.go; docs/testing.md).
+# TF_KERNEL=minimal|cloud, TF_RUNS boots of each.
+TF_KERNEL ?= cloud
+TF_RUNS ?= 8
+.PHONY: e2e-reset-rate
+e2e-reset-rate: build node-assets guest-kernel guest-cloud-kernel guest-initramfs
+	HPCVM_E2E_REQUIRE=1 HPCVM_BIN=$(BIN)/hpcvm HPCVM_TF_KERNEL=$(TF_KERNEL) HPCVM_TF_RUNS=$(TF_RUNS) \
+		$(GO) test -tags 'e2e tfrate' -count=1 -p 1 -v -timeout 90m -run TestGuestResetRate ./test/e2e/

@@ -5,6 +5,7 @@ package virtnode_test
 import (
 	"context"
 	"errors"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -30,9 +31,14 @@ func TestNodeRunsCommands(t *testing.T) {
 	if got := n.MustRun(t, ctx, "hostname"); got != "n1" {
 		t.Errorf("hostname = %q, want n1", got)
 	}
-	// The node runs the pinned Debian kernel with real KVM (emulated SVM).
-	if got := n.MustRun(t, ctx, "uname -r"); got != "6.1.0-49-amd64" {
-		t.Errorf("uname -r = %q", got)
+	// The node runs the pinned Debian kernel of the assets (its modules
+	// directory is named after the release) with real KVM (emulated SVM).
+	a, err := virtnode.FindAssets()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := n.MustRun(t, ctx, "uname -r"), filepath.Base(a.ModDir); got != want {
+		t.Errorf("uname -r = %q, want %q (the assets' kernel)", got, want)
 	}
 	n.MustRun(t, ctx, "test -c /dev/kvm && grep -qw svm /proc/cpuinfo")
 	// Modules beyond the initramfs load from the bind-mounted modules dir.

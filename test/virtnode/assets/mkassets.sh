@@ -13,9 +13,22 @@
 # the initramfs is rebuilt only when its inputs (this directory, busybox) change.
 set -euo pipefail
 
-PKG=linux-image-6.1.0-49-amd64
-VER=6.1.174-1
-KREL=6.1.0-49-amd64
+# The node kernel: one exact version. NODE_KERNEL=6.1 selects bookworm's
+# 6.1 (the nodes' kernel until 2026-11-23), the default is bookworm-backports'
+# 6.12 (docs/testing.md: why).
+case ${NODE_KERNEL:-6.12} in
+6.1)
+	KSUITE=bookworm
+	PKG=linux-image-6.1.0-49-amd64
+	VER=6.1.174-1
+	KREL=6.1.0-49-amd64 ;;
+6.12)
+	KSUITE=bookworm-backports
+	PKG=linux-image-6.12.95+deb12-amd64
+	VER=6.12.95-1~bpo12+1
+	KREL=6.12.95+deb12-amd64 ;;
+*) echo "mkassets: NODE_KERNEL=$NODE_KERNEL: want 6.1 or 6.12" >&2; exit 1 ;;
+esac
 # QEMU 7.2 (bookworm) hangs nodes: a nested guest spinning without exits
 # starved the node of its own interrupts until it stopped dead
 # (docs/testing.md). bookworm-backports carries 10.0.
@@ -41,14 +54,24 @@ need qemu-system-x86_64 qemu-system-x86
 	fi
 }
 
+# private_apt DIR SUITE: an apt list of Debian's SUITE in DIR, used through
+# "${apt[@]}", so the host's sources and state stay as they are.
+private_apt() {
+	mkdir -p "$1/lists/partial"
+	echo "deb http://deb.debian.org/debian $2 main" >"$1/sources.list"
+	apt=(-o Dir::Etc::sourcelist="$1/sources.list" -o Dir::Etc::sourceparts=- -o Dir::State::Lists="$1/lists")
+	apt-get -q "${apt[@]}" update >/dev/null
+}
+
 # 1. Kernel package: one exact version, never a glob.
 if [ ! -f "$out/root/.stamp" ]; then
 	tmp=$(mktemp -d "$out/dl.XXXXXX") && chmod 755 "$tmp"
 	trap 'rm -rf "$tmp"' EXIT
-	(cd "$tmp" && apt-get download "$PKG=$VER")
+	private_apt "$tmp" "$KSUITE"
+	(cd "$tmp" && apt-get -q "${apt[@]}" download "$PKG=$VER")
 	rm -rf "$out/root"
 	mkdir -p "$tmp/root"
-	dpkg-deb -x "$tmp/${PKG}_${VER}_amd64.deb" "$tmp/root"
+	dpkg-deb -x "$tmp"/"${PKG}"_*_amd64.deb "$tmp/root"
 	depmod -b "$tmp/root" "$KREL"
 	touch "$tmp/root/.stamp"
 	mv "$tmp/root" "$out/root"
@@ -59,10 +82,17 @@ cp -f "$out/root/boot/vmlinuz-$KREL" "$out/vmlinuz.tmp" && mv "$out/vmlinuz.tmp"
 # The decompressed ELF kernel carries a PVH note: QEMU then boots it directly,
 # skipping the bzImage's self-decompression (which takes seconds under TCG).
 if [ ! -s "$out/vmlinux" ] || [ "$out/vmlinux" -ot "$out/vmlinuz" ]; then
-	off=$(LC_ALL=C grep -obUaP '\xfd7zXZ\x00' "$out/vmlinuz" | head -1 | cut -d: -f1)
-	[ -n "$off" ] || { echo "mkassets: no XZ payload in vmlinuz" >&2; exit 1; }
-	# xz complains about the trailing data after the payload; the ELF is complete.
-	tail -c +$((off + 1)) "$out/vmlinuz" | xz -dc >"$out/vmlinux.tmp" 2>/dev/null || true
+	# The payload is XZ (6.1) or zstd (6.12); the decompressors complain
+	# about the data after it, but the ELF is complete.
+	off=$(LC_ALL=C grep -obUaP '\xfd7zXZ\x00' "$out/vmlinuz" | head -1 | cut -d: -f1 || true)
+	if [ -n "$off" ]; then
+		tail -c +$((off + 1)) "$out/vmlinuz" | xz -dc >"$out/vmlinux.tmp" 2>/dev/null || true
+	else
+		need zstd zstd
+		off=$(LC_ALL=C grep -obUaP '\x28\xb5\x2f\xfd' "$out/vmlinuz" | head -1 | cut -d: -f1)
+		[ -n "$off" ] || { echo "mkassets: no XZ or zstd payload in vmlinuz" >&2; exit 1; }
+		tail -c +$((off + 1)) "$out/vmlinuz" | zstd -dc >"$out/vmlinux.tmp" 2>/dev/null || true
+	fi
 	head -c 4 "$out/vmlinux.tmp" | grep -q ELF || { echo "mkassets: vmlinux extraction failed" >&2; exit 1; }
 	mv "$out/vmlinux.tmp" "$out/vmlinux"
 fi
@@ -78,15 +108,24 @@ if [ ! -f "$out/initramfs.cpio.gz" ] || [ "$(cat "$out/initramfs.key" 2>/dev/nul
 	ln -s busybox "$ir/bin/sh"
 	install -m 0755 "$here/init.sh" "$ir/init"
 	: >"$ir/modules/order"
-	grep -v '^#' "$here/node-modules.txt" | while read -r m; do
-		[ -n "$m" ] || continue
-		f=$(modinfo -b "$out/root" -k "$KREL" -F filename "$m")
-		case $f in
-		*.ko) cp "$f" "$ir/modules/$m.ko" ;;
-		*.ko.xz) xz -dc "$f" >"$ir/modules/$m.ko" ;;
-		*) echo "mkassets: module $m: unexpected file '$f'" >&2; exit 1 ;;
-		esac
-		echo "$m" >>"$ir/modules/order"
+	# Each listed module with its dependencies first (modules.dep of this
+	# kernel: module splits differ between releases), each once.
+	grep -v '^#' "$here/node-modules.txt" | while read -r want; do
+		[ -n "$want" ] || continue
+		show=$(modprobe -d "$out/root" -S "$KREL" --show-depends "$want") ||
+			{ echo "mkassets: module $want: not in $KREL" >&2; exit 1; }
+		deps=$(echo "$show" | awk '$1 == "insmod" {print $2}')
+		[ -n "$deps" ] || continue # built into this kernel
+		for f in $deps; do
+			m=$(basename "$f"); m=${m%.xz}; m=${m%.ko}
+			grep -qx "$m" "$ir/modules/order" && continue
+			case $f in
+			*.ko) cp "$f" "$ir/modules/$m.ko" ;;
+			*.ko.xz) xz -dc "$f" >"$ir/modules/$m.ko" ;;
+			*) echo "mkassets: module $m: unexpected file '$f'" >&2; exit 1 ;;
+			esac
+			echo "$m" >>"$ir/modules/order"
+		done
 	done
 	(cd "$ir" && find . -mindepth 1 -print0 | sort -z | cpio --null -o -H newc --quiet) | gzip -1 >"$out/initramfs.cpio.gz.tmp"
 	mv "$out/initramfs.cpio.gz.tmp" "$out/initramfs.cpio.gz"
@@ -100,10 +139,7 @@ qdir=$cache/qemu/$(echo "$QEMU_VER" | tr ':~+' '___')
 if [ ! -x "$qdir/root/usr/bin/qemu-system-x86_64" ]; then
 	tmp=$(mktemp -d "$cache/qemu-dl.XXXXXX") && chmod 755 "$tmp"
 	trap 'rm -rf "$tmp"' EXIT
-	mkdir -p "$tmp/lists/partial"
-	echo "deb http://deb.debian.org/debian $QEMU_SUITE main" >"$tmp/sources.list"
-	apt=(-o Dir::Etc::sourcelist="$tmp/sources.list" -o Dir::Etc::sourceparts=- -o Dir::State::Lists="$tmp/lists")
-	apt-get -q "${apt[@]}" update >/dev/null
+	private_apt "$tmp" "$QEMU_SUITE"
 	(cd "$tmp" && for p in $QEMU_PKGS; do apt-get -q "${apt[@]}" download "$p=$QEMU_VER"; done)
 	# Its libraries come from bookworm: install what the host lacks (QEMU
 	# 10 needs a few that 7.2 does not, e.g. libasound2, libcacard0).

@@ -11,7 +11,6 @@ import (
 	"log/slog"
 	"net"
 	"os"
-	"os/signal"
 	"runtime"
 	"strconv"
 	"strings"
@@ -44,7 +43,9 @@ type sliceOpts struct {
 	guest     string   // for messages: builtin:NAME or the file
 	results   []uint64 // guest-physical addresses printed at the end (slice 0)
 	timeout   time.Duration
-	hold      time.Duration // coherence hold window (dsm.NodeConfig.Hold)
+	hold      time.Duration  // coherence hold window (dsm.NodeConfig.Hold)
+	stopSig   syscall.Signal // --stop-signal (0: SIGINT and SIGTERM stop the slice)
+	stopped   func() (os.Signal, bool)
 	verbose   bool
 	linux     *sliceLinux // a Linux guest instead of a micro-guest
 }
@@ -125,7 +126,7 @@ type sliceFlags struct {
 	fs                                              *flag.FlagSet
 	id, iters                                       *int
 	peers, listen, vmID, secretFile, placement, mem *string
-	builtin, program, timeout, hold                 *string
+	builtin, program, timeout, hold, stopSignal     *string
 	results                                         addrList
 	verbose                                         *bool
 	kernel, initrd, cmdline, vsock, console         *string
@@ -156,6 +157,7 @@ func newSliceFlags() *sliceFlags {
 	f.console = fs.String("console", "", "write the guest's serial console to `FILE` (slice 0; default: stderr)")
 	f.timeout = fs.String("timeout", "0", "stop with an error after `DURATION` (e.g. 10m; 0: no limit)")
 	f.hold = fs.String("hold", "0", "keep a page granted for writing at least `DURATION` before giving it up (e.g. 2ms; damps page-table ping-pong; 0: off)")
+	f.stopSignal = fs.String("stop-signal", "", "stop only on `SIGNAL` (e.g. SIGUSR1) and exit 0; SIGINT, SIGTERM and SIGHUP are then caught and ignored (a slice of a Slurm job step, as hpcvm vm run --stop-signal)")
 	f.verbose = fs.Bool("v", false, "log protocol events to stderr")
 	fs.Usage = func() { sliceUsage(fs) }
 	return f
@@ -258,6 +260,11 @@ func parseSliceArgs(args []string) (*sliceOpts, error) {
 	}
 	if o.hold, err = time.ParseDuration(*f.hold); err != nil {
 		return nil, fmt.Errorf("--hold: %w", err)
+	}
+	if *f.stopSignal != "" {
+		if o.stopSig, err = parseSignal(*f.stopSignal); err != nil {
+			return nil, fmt.Errorf("--stop-signal: %w", err)
+		}
 	}
 	if o.hold < 0 || o.hold > time.Second {
 		return nil, fmt.Errorf("--hold %s: must be between 0 and 1s", *f.hold)
@@ -368,8 +375,9 @@ func runSlice(o *sliceOpts, stdout io.Writer) int {
 		fmt.Fprintf(os.Stderr, "hpcvm slice %d: listen on %s: %v\n", o.id, o.listen, err)
 		return 1
 	}
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
-	defer stop()
+	ctx, stopped, release := stopSignals(o.stopSig)
+	defer release()
+	o.stopped = stopped
 	if o.timeout > 0 {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeoutCause(ctx, o.timeout, fmt.Errorf("--timeout %v reached", o.timeout))
@@ -423,6 +431,14 @@ func endSlice(stdout io.Writer, o *sliceOpts, start time.Time, res dsm.SliceResu
 		out.Error = err.Error()
 	}
 	json.NewEncoder(stdout).Encode(out)
+	if o.stopSig != 0 && o.stopped != nil {
+		if s, ok := o.stopped(); ok && s == o.stopSig {
+			// A requested stop (--stop-signal): a clean end, however the
+			// other slices' stops reached this one first.
+			fmt.Fprintf(os.Stderr, "hpcvm slice %d: stopped by %v\n", o.id, s)
+			return 0
+		}
+	}
 	if err != nil || res.Exit.Kind != machine.ExitPoweroff {
 		msg := res.Exit.Reason
 		if err != nil {

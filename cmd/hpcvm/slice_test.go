@@ -5,10 +5,12 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -79,6 +81,7 @@ func TestSliceRejectsBadInput(t *testing.T) {
 		{"result range", base("--result", "0x100000000"), "outside guest memory"},
 		{"result align", base("--result", "0x100001"), "not 8-byte aligned"},
 		{"timeout", base("--timeout", "5"), "--timeout"},
+		{"stop signal", base("--stop-signal", "SIGNOPE"), "--stop-signal"},
 		{"hold not a duration", base("--hold", "soon"), "--hold"},
 		{"hold too long", base("--hold", "2s"), "--hold 2s"},
 		{"hold negative", base("--hold", "-1ms"), "--hold -1ms"},
@@ -249,4 +252,71 @@ func TestSliceProcessesInNetns(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestSliceStopSignal: with --stop-signal SIGUSR1 (how a Slurm step's
+// slices run) SIGTERM is caught and ignored, and SIGUSR1 stops every slice
+// with exit status 0, whichever slice's stop reaches the others first.
+func TestSliceStopSignal(t *testing.T) {
+	requireNetnsLab(t) // root, /dev/kvm, /dev/userfaultfd (no namespace used)
+	secret := filepath.Join(t.TempDir(), "secret")
+	if err := os.WriteFile(secret, []byte("stop-signal-test-secret-0123"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ln0, ln1 := freePort(t), freePort(t)
+	peers := fmt.Sprintf("127.0.0.1:%d,127.0.0.1:%d", ln0, ln1)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	procs := make([]*sliceProc, 2)
+	for i := range procs {
+		p := &sliceProc{done: make(chan error, 1)}
+		// A micro-guest that would run for hours.
+		p.cmd = exec.CommandContext(ctx, os.Args[0], "-test.run=TestHelperMain", "--",
+			"slice", "--id", fmt.Sprint(i), "--peers", peers, "--vm-id", "stop-vm", "--secret-file", secret,
+			"--placement", "0/1", "--mem", "8MiB", "--builtin", "private", "--iters", "1000000000",
+			"--stop-signal", "SIGUSR1", "--timeout", "2m")
+		p.cmd.Env = append(os.Environ(), "HPCVM_TEST_MAIN=1")
+		p.cmd.Stdout, p.cmd.Stderr = &p.stdout, &p.stderr
+		if err := p.cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		go func() { p.done <- p.cmd.Wait() }()
+		procs[i] = p
+	}
+	running := func(what string) {
+		t.Helper()
+		for i, p := range procs {
+			select {
+			case err := <-p.done:
+				t.Fatalf("%s: slice %d exited (%v)\nstderr: %s", what, i, err, p.stderr.String())
+			case <-time.After(1500 * time.Millisecond):
+			}
+		}
+	}
+	running("before any signal")
+	for _, p := range procs {
+		p.cmd.Process.Signal(syscall.SIGTERM)
+	}
+	running("after SIGTERM")
+	for _, p := range procs {
+		p.cmd.Process.Signal(syscall.SIGUSR1)
+	}
+	for i, p := range procs {
+		if err := <-p.done; err != nil {
+			t.Errorf("slice %d after SIGUSR1: %v, want exit 0\nstderr: %s", i, err, p.stderr.String())
+		} else if !strings.Contains(p.stderr.String(), "stopped by user defined signal 1") {
+			t.Errorf("slice %d: stderr lacks the stop: %s", i, p.stderr.String())
+		}
+	}
+}
+
+// freePort returns a TCP port on 127.0.0.1 that was free a moment ago.
+func freePort(t *testing.T) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
 }

@@ -2,6 +2,7 @@ package launcher
 
 import (
 	"context"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -94,6 +95,9 @@ func (b *SrunBooter) Boot(ctx context.Context, p *Plan) (Guest, error) {
 		"--nodelist="+strings.Join(p.Nodes, ","), "--kill-on-bad-exit=1", "--quiet", "--job-name=hpcvm-vmm",
 		b.Hpcvm, "launch", "slice", "--plan", planArg)
 	cmd.Env = SliceEnv(b.Environ)
+	if len(p.Secret) > 0 {
+		cmd.Env = append(cmd.Env, SecretEnv+"="+hex.EncodeToString(p.Secret))
+	}
 	cmd.Stdout, cmd.Stderr = lf, lf
 	cmd.Stdin = nil
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}

@@ -6,9 +6,11 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"os"
 	"path"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -31,6 +33,10 @@ type Options struct {
 	Batch      bool   // the task is a batch script (argv[0] is staged into the guest)
 	Argv       []string
 	VMM        []string // the VMM command of the slices (Plan.VMM)
+	// Span is SpanSingle (default) or SpanNodes: one distributed VM over
+	// every node of a multi-node step, its slices running SliceVMM.
+	Span     string
+	SliceVMM []string
 
 	// BootTimeout bounds boot to the agent answering (0: imagevm.DefaultBootTimeout).
 	BootTimeout time.Duration
@@ -48,6 +54,9 @@ type Launcher struct {
 	Policy  Policy
 	Images  Images
 	Booter  Booter
+	// NodeAddrs returns the addresses the nodes reach each other at
+	// (SpanNodes), e.g. slurm.conf's NodeAddr from scontrol.
+	NodeAddrs func(ctx context.Context, nodes []string) ([]string, error)
 	// Walltime returns the job's time limit in seconds (0: unknown).
 	Walltime func(ctx context.Context) int64
 	// Signals delivers the signals the task receives (SIGTERM, SIGINT,
@@ -121,7 +130,13 @@ func (l *Launcher) Run(ctx context.Context) int {
 		RuntimeDir: filepath.Join(l.Opts.RuntimeDir, l.Env.JobID+"."+step),
 		VM:         Shape(eff, img, l.Opts.Console, l.Opts.DiskMode), Cgroup: Limits(eff), VMM: l.Opts.VMM,
 	}
-	l.Log.Info("starting VM", "image", img.Name, "nodes", plan.Nodes, "cpus", plan.VM.CPUs, "mem_mib", plan.VM.MemBytes>>20)
+	if l.Opts.Span == SpanNodes && len(plan.Nodes) > 1 {
+		if err := l.spread(ctx, plan); err != nil {
+			return l.failf("spreading the VM over %d nodes: %v", len(plan.Nodes), err)
+		}
+	}
+	l.Log.Info("starting VM", "image", img.Name, "nodes", plan.Nodes, "cpus", plan.VM.CPUs, "mem_mib", plan.VM.MemBytes>>20,
+		"distributed", plan.Slices != nil)
 	guest, err := l.Booter.Boot(ctx, plan)
 	if err != nil {
 		return l.failf("%v", err)
@@ -299,4 +314,37 @@ func GuestEnv(environ []string, uid int, dir string) []string {
 		}
 	}
 	return env
+}
+
+// spread makes plan a distributed VM (SpanNodes): each node's slice runs
+// the vCPUs of the CPUs Slurm allocated there, the slices meet at the
+// nodes' addresses, and a fresh secret authenticates the mesh.
+func (l *Launcher) spread(ctx context.Context, plan *Plan) error {
+	if len(l.Opts.SliceVMM) == 0 || l.NodeAddrs == nil {
+		return errors.New("this launcher cannot start VM slices (no slice VMM or node addresses)")
+	}
+	if len(l.Env.CPUsPerNode) != len(plan.Nodes) {
+		return fmt.Errorf("Slurm gave CPUs for %d node(s), the step has %d", len(l.Env.CPUsPerNode), len(plan.Nodes))
+	}
+	placement, err := PlaceVCPUs(plan.VM.CPUs, l.Env.CPUsPerNode)
+	if err != nil {
+		return err
+	}
+	addrs, err := l.NodeAddrs(ctx, plan.Nodes)
+	if err != nil {
+		return fmt.Errorf("node addresses: %w", err)
+	}
+	if len(addrs) != len(plan.Nodes) {
+		return fmt.Errorf("got %d node addresses for %d nodes", len(addrs), len(plan.Nodes))
+	}
+	port := SlicePort(plan.JobID, plan.StepID)
+	s := &Slices{Placement: placement, VM: "slurm-" + plan.JobID + "." + plan.StepID}
+	for _, a := range addrs {
+		s.Addrs = append(s.Addrs, net.JoinHostPort(a, strconv.Itoa(port)))
+	}
+	if plan.Secret, err = newSecret(); err != nil {
+		return err
+	}
+	plan.Slices, plan.SliceVMM = s, l.Opts.SliceVMM
+	return nil
 }

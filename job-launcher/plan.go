@@ -25,8 +25,8 @@ type Plan struct {
 	// RuntimeDir is a node-local directory, the same path on every node:
 	// the vsock socket (slice 0), the console log, the disk overlay.
 	RuntimeDir string `json:"runtime_dir"`
-	// VM is the whole VM. Until the distributed VMM places vCPUs on every
-	// slice, slice 0 runs all of it and the other slices hold their node.
+	// VM is the whole VM: run by slice 0 alone (the other slices hold
+	// their node), or spread over every slice when Slices is set.
 	VM     VMSpec       `json:"vm"`
 	Cgroup CgroupLimits `json:"cgroup"`
 	// VMM is the command slice 0 runs with `hpcvm vm run`'s flags
@@ -34,6 +34,13 @@ type Plan struct {
 	// include --stop-signal=SIGUSR1: it must ignore SIGTERM and stop on
 	// SIGUSR1 (see SliceTermDelay).
 	VMM []string `json:"vmm"`
+	// Slices, when set, makes the VM distributed (SpanNodes): every slice
+	// runs SliceVMM with SliceArgs(index) instead of slice 0 running VMM.
+	Slices   *Slices  `json:"slices,omitempty"`
+	SliceVMM []string `json:"slice_vmm,omitempty"` // `hpcvm slice`
+	// Secret is the distributed VM's secret: it reaches the slices in
+	// the slice step's environment (SecretEnv), never in the encoded plan.
+	Secret []byte `json:"-"`
 }
 
 // VMSpec is one VM.

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 )
@@ -27,7 +28,9 @@ const SliceStopGrace = 5 * time.Second
 // the launcher through srun on every node of the step. It creates the
 // node's VMM cgroup (a child of its own cgroup, so within the job's
 // limits); slice 0 runs the VM with `hpcvm vm run --stop-signal=SIGUSR1`
-// (Plan.VMM, Plan.VMMArgs) inside that cgroup, the job's writes to its disk
+// (Plan.VMM, Plan.VMMArgs) inside that cgroup — or, for a distributed VM
+// (Plan.Slices), every slice runs its part with `hpcvm slice` (Plan.SliceVMM,
+// Plan.SliceArgs; the secret from SecretEnv in a 0600 file) — the job's writes to its disk
 // going to a copy-on-write overlay file (Plan.DiskOverlay) that is removed
 // at the end. When ctx ends (srun forwards SIGTERM when the launcher stops
 // the step) the VMM is stopped and the cgroup, with anything left in it,
@@ -56,30 +59,48 @@ func RunSlice(ctx context.Context, p *Plan, index int, log *slog.Logger) (err er
 			}
 		}
 	}()
-	if index != 0 {
-		// Until the distributed VMM runs vCPUs and memory here, this
-		// slice holds its node for the VM and stops with the step.
+	var argv []string
+	switch {
+	case p.Slices != nil:
+		// Distributed: every node runs its slice of the VM.
+		if len(p.SliceVMM) == 0 || len(p.Slices.Addrs) != len(p.Nodes) || len(p.Slices.Placement) != len(p.Nodes) {
+			return fmt.Errorf("slice %d: the plan's slices do not match its %d node(s)", index, len(p.Nodes))
+		}
+		if err := p.writeSecret(os.Getenv); err != nil {
+			return fmt.Errorf("slice %d: %w", index, err)
+		}
+		defer os.Remove(p.SecretFile())
+		argv = append(append([]string(nil), p.SliceVMM...), p.SliceArgs(index)...)
+	case index != 0:
+		// Single-node VM: this slice holds its node for the VM and
+		// stops with the step.
 		<-ctx.Done()
 		return nil
+	default:
+		argv = append(append([]string(nil), p.VMM...), p.VMMArgs()...)
 	}
 
-	// Left over from an earlier run of this step: the VMM creates a new
-	// overlay and refuses an existing one.
-	os.Remove(p.DiskOverlay())
-	os.Remove(p.VsockPath())
-	cmd := exec.Command(p.VMM[0], append(p.VMM[1:], p.VMMArgs()...)...)
+	if index == 0 {
+		// Left over from an earlier run of this step: the VMM creates a
+		// new overlay and refuses an existing one.
+		os.Remove(p.DiskOverlay())
+		os.Remove(p.VsockPath())
+	}
+	cmd := exec.Command(argv[0], argv[1:]...)
+	cmd.Env = withoutEnv(os.Environ(), SecretEnv)
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	if err := cg.Start(cmd); err != nil {
-		return fmt.Errorf("slice 0: starting the VMM in its cgroup: %w", err)
+		return fmt.Errorf("slice %d: starting the VMM in its cgroup: %w", index, err)
 	}
-	log.Info("VMM started", "pid", cmd.Process.Pid, "cpus", p.VM.CPUs, "mem_mib", p.VM.MemBytes>>20, "console", p.ConsolePath())
+	log.Info("VMM started", "pid", cmd.Process.Pid, "cpus", p.VM.CPUs, "mem_mib", p.VM.MemBytes>>20, "console", p.ConsolePath(),
+		"distributed", p.Slices != nil)
 	done := make(chan error, 1)
 	go func() { done <- cmd.Wait() }()
 	select {
 	case err := <-done:
 		if err != nil {
-			return fmt.Errorf("slice 0: the VMM exited: %w (console: %s)", err, p.ConsolePath())
+			return fmt.Errorf("slice %d: the VMM exited: %w (console: %s)", index, err, p.ConsolePath())
 		}
 		return nil
 	case <-ctx.Done():
@@ -103,4 +124,15 @@ func removeRuntimeDir(root, dir string) error {
 		return errors.New("runtime directory " + dir + " is not below " + root)
 	}
 	return os.RemoveAll(dir)
+}
+
+// withoutEnv is environ without the variable key.
+func withoutEnv(environ []string, key string) []string {
+	var out []string
+	for _, kv := range environ {
+		if k, _, _ := strings.Cut(kv, "="); k != key {
+			out = append(out, kv)
+		}
+	}
+	return out
 }

@@ -57,6 +57,7 @@ func launchMain(args []string) int {
 	fs.BoolVar(&o.Batch, "batch", false, "the command is a batch script to stage into the guest")
 	vmm := fs.String("vmm", "", "program the slices run as the VMM, with `hpcvm vm run`'s flags including --stop-signal=SIGUSR1 (default: hpcvm vm run)")
 	bootTimeout := fs.Duration("boot-timeout", imagevm.DefaultBootTimeout, "give up if the guest agent does not answer within this")
+	fs.StringVar(&o.Span, "span", launcher.SpanSingle, "single: the VM runs on the step's first node; nodes: one VM whose vCPUs and memory span every node of a multi-node step (distributed, docs/dsm.md; experimental)")
 	verbose := fs.Bool("v", false, "log progress to stderr")
 	fs.Usage = func() {
 		fmt.Fprint(fs.Output(), launchUsage)
@@ -78,6 +79,10 @@ func launchMain(args []string) int {
 		fmt.Fprintf(os.Stderr, "hpcvm launch: --disk-mode=%s: want copy or ro\n", o.DiskMode)
 		return 2
 	}
+	if o.Span != launcher.SpanSingle && o.Span != launcher.SpanNodes {
+		fmt.Fprintf(os.Stderr, "hpcvm launch: --span=%s: want single or nodes\n", o.Span)
+		return 2
+	}
 	if len(o.Argv) == 0 {
 		fmt.Fprintln(os.Stderr, "hpcvm launch: no command after --")
 		return 2
@@ -88,6 +93,7 @@ func launchMain(args []string) int {
 		return 1
 	}
 	o.VMM = []string{self, "vm", "run"}
+	o.SliceVMM = []string{self, "slice"}
 	if *vmm != "" {
 		o.VMM = []string{*vmm}
 	}
@@ -111,11 +117,12 @@ func launchMain(args []string) int {
 	defer signal.Stop(sigs)
 	l := &launcher.Launcher{
 		Opts: o, Env: env, Environ: environ,
-		Policy:   launcher.ExecPolicy{Hpcvm: self, Dir: o.PolicyDir},
-		Images:   launcher.StoreImages{Dir: o.ImageStore},
-		Booter:   &launcher.SrunBooter{Hpcvm: self, Environ: environ, Log: log},
-		Walltime: func(ctx context.Context) int64 { return jobTimeLimit(ctx, env.JobID) },
-		Signals:  sigs, Stdout: os.Stdout, Stderr: os.Stderr, Log: log,
+		Policy:    launcher.ExecPolicy{Hpcvm: self, Dir: o.PolicyDir},
+		Images:    launcher.StoreImages{Dir: o.ImageStore},
+		Booter:    &launcher.SrunBooter{Hpcvm: self, Environ: environ, Log: log},
+		Walltime:  func(ctx context.Context) int64 { return jobTimeLimit(ctx, env.JobID) },
+		NodeAddrs: nodeAddrs,
+		Signals:   sigs, Stdout: os.Stdout, Stderr: os.Stderr, Log: log,
 	}
 	return l.Run(context.Background())
 }
@@ -198,4 +205,29 @@ func launchSlice(args []string) int {
 		return 1
 	}
 	return 0
+}
+
+// nodeAddrs asks scontrol for each node's NodeAddr (the address slurmd and
+// the nodes use; the node name when slurm.conf sets none).
+func nodeAddrs(ctx context.Context, nodes []string) ([]string, error) {
+	ctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	addrs := make([]string, len(nodes))
+	for i, n := range nodes {
+		out, err := exec.CommandContext(ctx, "scontrol", "show", "node", "-o", n).Output()
+		if err != nil {
+			return nil, fmt.Errorf("scontrol show node %s: %w", n, err)
+		}
+		addr := ""
+		for _, f := range strings.Fields(string(out)) {
+			if v, ok := strings.CutPrefix(f, "NodeAddr="); ok {
+				addr = v
+			}
+		}
+		if addr == "" {
+			return nil, fmt.Errorf("scontrol show node %s: no NodeAddr", n)
+		}
+		addrs[i] = addr
+	}
+	return addrs, nil
 }

@@ -3,7 +3,8 @@
  *
  *   required /usr/lib/slurm/hpcvm_spank.so hpcvm=/usr/bin/hpcvm \
  *       policy_dir=/etc/hpcvm/policy.d image_store=/var/lib/hpcvm/images \
- *       runtime_dir=/run/hpcvm [vmm=/usr/bin/hpcvm] [disk=copy|ro] [boot_timeout=10m]
+ *       runtime_dir=/run/hpcvm [vmm=/usr/bin/hpcvm] [disk=copy|ro] [boot_timeout=10m] \
+ *       [span=single|nodes]
  *
  * Every argument is KEY=VALUE, paths absolute; an unknown key is an error,
  * so a misspelt setting never silently falls back to a default.
@@ -35,6 +36,7 @@ int hpcvm_config_parse(struct hpcvm_config *cfg, int ac, char **av)
 	strcpy(cfg->image_store, "/var/lib/hpcvm/images");
 	strcpy(cfg->runtime_dir, "/run/hpcvm");
 	strcpy(cfg->disk_mode, "copy");
+	strcpy(cfg->span, "single");
 
 	for (int i = 0; i < ac; i++) {
 		const char *eq = strchr(av[i], '=');
@@ -71,6 +73,15 @@ int hpcvm_config_parse(struct hpcvm_config *cfg, int ac, char **av)
 			continue;
 		}
 
+		if (klen == 4 && strncmp(av[i], "span", 4) == 0) {
+			if (!eq || (strcmp(val, "single") != 0 && strcmp(val, "nodes") != 0)) {
+				slurm_error("%s: plugstack argument %s: want span=single or span=nodes", HPCVM_PLUGIN, av[i]);
+				return -1;
+			}
+			strcpy(cfg->span, val);
+			continue;
+		}
+
 		for (size_t k = 0; k < sizeof(keys) / sizeof(keys[0]); k++) {
 			if (strlen(keys[k].key) != klen || strncmp(av[i], keys[k].key, klen) != 0)
 				continue;
@@ -83,7 +94,7 @@ int hpcvm_config_parse(struct hpcvm_config *cfg, int ac, char **av)
 				return -1;
 		}
 		if (!found) {
-			slurm_error("%s: unknown plugstack argument \"%s\" (known: hpcvm=, policy_dir=, image_store=, runtime_dir=, vmm=, disk=, boot_timeout=)",
+			slurm_error("%s: unknown plugstack argument \"%s\" (known: hpcvm=, policy_dir=, image_store=, runtime_dir=, vmm=, disk=, boot_timeout=, span=)",
 				    HPCVM_PLUGIN, av[i]);
 			return -1;
 		}

@@ -23,6 +23,7 @@ struct hpcvm_config {
 	char vmm[4096];          /* binary the VMM slices run (`vmm run`); empty: hpcvm */
 	char disk_mode[8];       /* "copy" (private copy of the image disk) or "ro" */
 	char boot_timeout[32];   /* Go duration, e.g. "10m"; empty: the launcher's default */
+	char span[8];            /* "single" (default) or "nodes": one VM spanning a multi-node step */
 };
 
 /* Values of the user's --vm-* options (options.c); NULL when not given. */

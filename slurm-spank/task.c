@@ -66,6 +66,7 @@ int hpcvm_exec_launcher(spank_t sp, const struct hpcvm_state *st)
 	hpcvm_argv_addf(&a, "--image-store=%s", c->image_store);
 	hpcvm_argv_addf(&a, "--runtime-dir=%s", c->runtime_dir);
 	hpcvm_argv_addf(&a, "--disk-mode=%s", c->disk_mode);
+	hpcvm_argv_addf(&a, "--span=%s", c->span);
 	hpcvm_argv_addf(&a, "--image=%s", o->image);
 	if (o->mem)
 		hpcvm_argv_addf(&a, "--mem=%s", o->mem);

@@ -134,6 +134,33 @@ func (s *sliceRun) stopVM(kind machine.ExitKind, reason string, err error) {
 	}
 }
 
+// StopFaultGrace is how long a stopping slice lets its vCPUs leave the
+// guest before it releases the page faults they are blocked in.
+const StopFaultGrace = 2 * time.Second
+
+// releaseStuckFaults: a vCPU blocked in a page fault whose page will never
+// come (the other slices are stopping too, or the fault wait cannot be
+// interrupted by the kick's signal) would keep the machine from stopping.
+// Once the machine stops (or ctx ends) and the vCPUs have not all left
+// within StopFaultGrace, the node closes its userfaultfd, which releases
+// every blocked fault as a node failure does; the VM is stopping anyway.
+func (s *sliceRun) releaseStuckFaults(ctx context.Context, m *machine.Machine, runDone <-chan struct{}) {
+	select {
+	case <-runDone:
+		return
+	case <-m.Stopping():
+	case <-ctx.Done():
+	}
+	t := time.NewTimer(StopFaultGrace)
+	defer t.Stop()
+	select {
+	case <-runDone:
+	case <-t.C:
+		s.log.Warn("dsm: vCPUs still running after the stop; releasing their page faults", "grace", StopFaultGrace)
+		s.node.releaseFaults()
+	}
+}
+
 // kick forces vCPU id out of the guest (from any goroutine), unless the
 // machine does not exist yet or is being closed.
 func (s *sliceRun) kick(id int) {
@@ -243,7 +270,10 @@ func RunSlice(ctx context.Context, cfg SliceConfig) (SliceResult, error) {
 	if pre != nil {
 		m.Stop(pre.Kind, pre.Reason, pre.Err)
 	}
+	runDone := make(chan struct{})
+	go s.releaseStuckFaults(ctx, m, runDone)
 	exit := m.Run(ctx)
+	close(runDone)
 	if exit.Kind != machine.ExitError && exit.Kind != machine.ExitStopped {
 		if s.id != 0 {
 			// Slice 0 closes last: wait for it so our close does not look

@@ -166,11 +166,19 @@ func (t *Transport) dial(ctx context.Context, j int) error {
 		c, err := d.DialContext(ctx, "tcp", t.cfg.Addrs[j])
 		if err == nil {
 			fr := NewFrameReader(c)
-			if err := dialHandshake(c, fr, t.cfg.Secret, t.cfg.VMID, t.cfg.ID, j, t.cfg.PeerTimeout); err != nil {
-				c.Close()
+			err = dialHandshake(c, fr, t.cfg.Secret, t.cfg.VMID, t.cfg.ID, j, t.cfg.PeerTimeout)
+			if err == nil {
+				return t.add(j, c, fr)
+			}
+			c.Close()
+			// A peer too busy to answer in time (a slice loading its
+			// kernel on a loaded host) is tried again until the connect
+			// deadline; a refusal is final.
+			var ne net.Error
+			if !errors.As(err, &ne) || !ne.Timeout() || ctx.Err() != nil {
 				return fmt.Errorf("dsm: slice %d: handshake with slice %d at %s: %w", t.cfg.ID, j, t.cfg.Addrs[j], err)
 			}
-			return t.add(j, c, fr)
+			t.log.Warn("dsm handshake timed out; retrying", "peer", j, "addr", t.cfg.Addrs[j])
 		}
 		select {
 		case <-ctx.Done():

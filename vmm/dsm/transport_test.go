@@ -255,3 +255,60 @@ func TestPeerDeathDetected(t *testing.T) {
 		}
 	}
 }
+
+// stallFirstListener accepts its first connection and holds it, silent,
+// for stall before closing it (a peer too busy to answer the handshake);
+// later connections are passed on.
+type stallFirstListener struct {
+	net.Listener
+	stall time.Duration
+	once  sync.Once
+}
+
+func (l *stallFirstListener) Accept() (net.Conn, error) {
+	for {
+		c, err := l.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		first := false
+		l.once.Do(func() { first = true })
+		if !first {
+			return c, nil
+		}
+		go func() { time.Sleep(l.stall); c.Close() }()
+	}
+}
+
+// TestHandshakeTimeoutRetried: a slice whose handshake is not answered in
+// time dials again until the connect deadline instead of failing.
+func TestHandshakeTimeoutRetried(t *testing.T) {
+	lns, addrs := loopbackListeners(t, 2)
+	const peerTimeout = 300 * time.Millisecond
+	lns[0] = &stallFirstListener{Listener: lns[0], stall: 2 * peerTimeout}
+	trs := make([]*Transport, 2)
+	errs := make([]error, 2)
+	lg := &logBuffer{}
+	var wg sync.WaitGroup
+	for i := 0; i < 2; i++ {
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			trs[i], errs[i] = NewTransport(context.Background(), TransportConfig{ID: i, Addrs: addrs, Listener: lns[i],
+				VMID: "vm-test", Secret: testSecret, Logger: slog.New(slog.NewTextHandler(lg, nil)),
+				ConnectTimeout: 10 * time.Second, Heartbeat: 50 * time.Millisecond, PeerTimeout: peerTimeout})
+		}(i)
+	}
+	wg.Wait()
+	for i, tr := range trs {
+		if tr != nil {
+			defer tr.Close()
+		}
+		if errs[i] != nil {
+			t.Fatalf("slice %d: %v", i, errs[i])
+		}
+	}
+	if !strings.Contains(lg.String(), "dsm handshake timed out; retrying") {
+		t.Errorf("no retry logged:\n%s", lg)
+	}
+}

@@ -3,6 +3,7 @@
 package lab
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -13,9 +14,11 @@ import (
 	"github.com/hpcvm/hpcvm/test/guestvm"
 )
 
-// TestVirtLabDebian12Job runs a real VM job: sbatch -N 2 --vm-image=debian12
+// TestVirtLabDebian12Job runs real VM jobs: sbatch -N 2 --vm-image=debian12
 // boots the image under hpcvm's VMM inside the virt nodes and runs the
-// script in the guest. The boot of a systemd guest under nested
+// script in the guest: exit 3 (FAILED 3:0, output files), then scancel and
+// a time limit while the script runs (CANCELLED, TIMEOUT; sacct agrees;
+// nothing left on the nodes). The boot of a systemd guest under nested
 // virtualization in TCG takes minutes, so this test has its own build tag
 // (slurmvm: make e2e-slurm-vm) and needs the image (make image-debian12).
 func TestVirtLabDebian12Job(t *testing.T) {
@@ -58,10 +61,92 @@ func TestVirtLabDebian12Job(t *testing.T) {
 	if string(e) != "err-line\n" {
 		t.Errorf("stderr = %q", e)
 	}
+	wantAcct(t, ctx, c, id, "FAILED", "3:0")
+	noHpcvmLeft(t, ctx, c)
+
+	// scancel while the script runs in the guest, and a time limit: the
+	// guest command gets SIGTERM, the job ends CANCELLED / TIMEOUT in
+	// scontrol and sacct, and no hpcvm process is left on either node.
+	for _, tc := range []struct {
+		name, sbatch, state string
+		cancel              bool
+	}{
+		{"scancel", "", "CANCELLED", true},
+		{"time-limit", "--time=1", "TIMEOUT", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			script := filepath.Join(work, tc.name+".sh")
+			os.WriteFile(script, []byte("#!/bin/sh\ntrap 'echo got-TERM; exit 143' TERM\necho started\nsleep 600 & wait\n"), 0o755)
+			out, errf := filepath.Join(work, tc.name+".out"), filepath.Join(work, tc.name+".err")
+			var id string
+			var j Job
+			for attempt := 1; attempt <= 2; attempt++ {
+				os.Remove(out)
+				var err error
+				id, _, err = Submit(ctx, c, fmt.Sprintf("sbatch -N 2 %s --vm-image=debian12 -o %s -e %s %s", tc.sbatch, out, errf, script))
+				if err != nil {
+					t.Fatal(err)
+				}
+				// Wait until the script runs in the guest.
+				for {
+					if b, _ := os.ReadFile(out); strings.Contains(string(b), "started") {
+						break
+					}
+					if j, _ = ShowJob(ctx, c, id); Finished(j.State) {
+						break
+					}
+					select {
+					case <-ctx.Done():
+						t.Fatalf("job %s: the script did not start: %v", id, ctx.Err())
+					case <-time.After(time.Second):
+					}
+				}
+				if e, _ := os.ReadFile(errf); attempt == 1 && Finished(j.State) && guestvm.TripleFaulted(string(e)) {
+					t.Logf("job %s: the guest triple-faulted while booting; submitting once more", id)
+					continue
+				}
+				break
+			}
+			if tc.cancel {
+				if r, err := c.Client(ctx, "scancel "+id); err != nil || r.ExitCode != 0 {
+					t.Fatalf("scancel %s: %v %s", id, err, r)
+				}
+			}
+			j, err := WaitJob(ctx, c, id)
+			if err != nil {
+				t.Fatal(err)
+			}
+			o, _ := os.ReadFile(out)
+			if j.State != tc.state || !strings.Contains(string(o), "got-TERM") {
+				e, _ := os.ReadFile(errf)
+				t.Errorf("job %s: %s, stdout %q (want %s and the guest command's got-TERM)\nstderr:\n%s", id, j.State, o, tc.state, e)
+			}
+			wantAcct(t, ctx, c, id, tc.state, "")
+			noHpcvmLeft(t, ctx, c)
+		})
+	}
+}
+
+// noHpcvmLeft checks that no hpcvm process (launcher, slice, VMM) is left
+// on any node once a job has ended.
+func noHpcvmLeft(t *testing.T, ctx context.Context, c *VirtCluster) {
+	t.Helper()
 	for i := range c.Nodes {
-		r, err := c.NodeRun(ctx, i, "ps -eo args | grep -E '^(/[^ ]*/)?hpcvm ' || true")
-		if err != nil || strings.TrimSpace(r.Stdout) != "" {
-			t.Errorf("node %d: hpcvm processes left: %q %v", i+1, r.Stdout, err)
+		var left string
+		// Slurm reaps the step's processes right after the job state
+		// changes: give it a few seconds.
+		for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(time.Second) {
+			r, err := c.NodeRun(ctx, i, "ps -eo args | grep -E '^(/[^ ]*/)?hpcvm ' || true")
+			if err != nil {
+				t.Errorf("node %d: %v", i+1, err)
+				return
+			}
+			if left = strings.TrimSpace(r.Stdout); left == "" || time.Now().After(deadline) {
+				break
+			}
+		}
+		if left != "" {
+			t.Errorf("node %d: hpcvm processes left: %q", i+1, left)
 		}
 	}
 }

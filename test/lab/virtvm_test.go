@@ -16,9 +16,10 @@ import (
 
 // TestVirtLabDebian12Job runs real VM jobs: sbatch -N 2 --vm-image=debian12
 // boots the image under hpcvm's VMM inside the virt nodes and runs the
-// script in the guest: exit 3 (FAILED 3:0, output files), then scancel and
-// a time limit while the script runs (CANCELLED, TIMEOUT; sacct agrees;
-// nothing left on the nodes). The boot of a systemd guest under nested
+// script in the guest: exit 3 (FAILED 3:0, output files), srun on one node
+// (output, exit 5), scancel during the boot and while the script runs, and
+// a time limit (CANCELLED, TIMEOUT; sacct agrees; nothing left on the
+// nodes). The boot of a systemd guest under nested
 // virtualization in TCG takes minutes, so this test has its own build tag
 // (slurmvm: make e2e-slurm-vm) and needs the image (make image-debian12).
 func TestVirtLabDebian12Job(t *testing.T) {
@@ -63,6 +64,45 @@ func TestVirtLabDebian12Job(t *testing.T) {
 	}
 	wantAcct(t, ctx, c, id, "FAILED", "3:0")
 	noHpcvmLeft(t, ctx, c)
+
+	// srun on one node: output and exit status come back through srun.
+	t.Run("srun-1-node", func(t *testing.T) {
+		cmd := "srun -N 1 --vm-image=debian12 sh -c 'echo hi-from-$(grep -o bookworm /etc/os-release | head -1); echo to-err >&2; exit 5'"
+		r, err := c.Client(ctx, cmd)
+		if err == nil && r.ExitCode != 5 && guestvm.TripleFaulted(r.Stderr) {
+			t.Logf("the guest triple-faulted while booting; running once more")
+			r, err = c.Client(ctx, cmd)
+		}
+		if err != nil || r.ExitCode != 5 || r.Stdout != "hi-from-bookworm\n" || !strings.Contains(r.Stderr, "to-err") {
+			t.Errorf("srun: %v, %s; want stdout hi-from-bookworm, to-err on stderr, exit 5", err, r)
+		}
+		noHpcvmLeft(t, ctx, c)
+	})
+
+	// scancel while the VM boots: CANCELLED, nothing left.
+	t.Run("scancel-during-boot", func(t *testing.T) {
+		out := filepath.Join(work, "boot-cancel.out")
+		id, _, err := Submit(ctx, c, fmt.Sprintf("sbatch -N 2 --vm-image=debian12 -o %s -e %s.err --wrap 'echo started; sleep 600'", out, out))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := WaitState(ctx, c, id, "RUNNING"); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(5 * time.Second) // the VMM is starting; the guest boots for tens of seconds
+		if r, err := c.Client(ctx, "scancel "+id); err != nil || r.ExitCode != 0 {
+			t.Fatalf("scancel %s: %v %s", id, err, r)
+		}
+		j, err := WaitJob(ctx, c, id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if o, _ := os.ReadFile(out); j.State != "CANCELLED" || strings.Contains(string(o), "started") {
+			t.Errorf("job %s: %s, stdout %q; want CANCELLED before the script started", id, j.State, o)
+		}
+		wantAcct(t, ctx, c, id, "CANCELLED", "")
+		noHpcvmLeft(t, ctx, c)
+	})
 
 	// scancel while the script runs in the guest, and a time limit: the
 	// guest command gets SIGTERM, the job ends CANCELLED / TIMEOUT in

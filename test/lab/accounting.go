@@ -134,6 +134,18 @@ func (c *Config) startAccounting(ctx context.Context, daemon func(name, script s
 	return nil
 }
 
+// nsScript returns a runner of setup scripts through nsenter with the
+// given namespace arguments and SLURM_CONF set, for startAccounting.
+func (c *Config) nsScript(nsenterArgs ...string) func(ctx context.Context, script string) error {
+	return func(ctx context.Context, script string) error {
+		args := append(append([]string(nil), nsenterArgs...), "--", "sh", "-c", script)
+		cmd := exec.CommandContext(ctx, "nsenter", args...)
+		cmd.Env = append(os.Environ(), "SLURM_CONF="+c.SlurmConf())
+		out, err := cmd.CombinedOutput()
+		return errScript(script, err, out)
+	}
+}
+
 // errScript wraps a failed setup script's output.
 func errScript(script string, err error, out []byte) error {
 	if err == nil {

@@ -138,12 +138,7 @@ func StartHost(ctx context.Context, o HostOptions) (_ *HostCluster, err error) {
 	}
 	if err := c.startAccounting(ctx,
 		func(name, script string) error { return c.daemon(c.lab, name, "sh", "-c", script) },
-		func(ctx context.Context, script string) error {
-			cmd := exec.CommandContext(ctx, "nsenter", "-t", strconv.Itoa(c.lab.Process.Pid), "-n", "-u", "--", "sh", "-c", script)
-			cmd.Env = append(os.Environ(), "SLURM_CONF="+c.SlurmConf())
-			out, err := cmd.CombinedOutput()
-			return errScript(script, err, out)
-		}); err != nil {
+		c.nsScript("-t", strconv.Itoa(c.lab.Process.Pid), "-n", "-u")); err != nil {
 		return nil, err
 	}
 	if err := c.daemon(c.lab, "slurmctld", "slurmctld", "-D", "-i", "-f", c.SlurmConf()); err != nil {

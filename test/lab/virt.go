@@ -115,12 +115,7 @@ func StartVirt(ctx context.Context, o VirtOptions) (_ *VirtCluster, err error) {
 	if err := waitFile(ctx, c.MungeSocket); err != nil {
 		return nil, fmt.Errorf("lab: munged did not start: %w", err)
 	}
-	if err := c.startAccounting(ctx, c.hostDaemon, func(ctx context.Context, script string) error {
-		cmd := exec.CommandContext(ctx, "nsenter", "--net="+c.VN.NetNSPath(), "--", "sh", "-c", script)
-		cmd.Env = append(os.Environ(), "SLURM_CONF="+c.SlurmConf())
-		out, err := cmd.CombinedOutput()
-		return errScript(script, err, out)
-	}); err != nil {
+	if err := c.startAccounting(ctx, c.hostDaemon, c.nsScript("--net="+c.VN.NetNSPath())); err != nil {
 		return nil, err
 	}
 	if err := c.hostDaemon("slurmctld", "hostname ctl; exec slurmctld -D -i -f "+c.SlurmConf()); err != nil {

@@ -140,11 +140,43 @@ type Node struct {
 	dir     string // per-node directory on the host
 	ctl     string // control directory (shared with the node)
 	console string // console log file
-	qemu    *exec.Cmd
 	started time.Time
-	exited  chan struct{}
-	waitErr error
-	seq     atomic.Int64
+	// run is the node's current QEMU; Restart replaces it, so readers
+	// load it once (a poller never sees half of a restart).
+	run atomic.Pointer[qemuRun]
+	seq atomic.Int64
+}
+
+// qemuRun is one QEMU process of a node.
+type qemuRun struct {
+	cmd    *exec.Cmd
+	exited chan struct{} // closed once cmd.Wait returned
+	err    error         // cmd.Wait's error, set before exited closes
+}
+
+// current is the node's QEMU run (never nil once the node started).
+func (n *Node) current() *qemuRun { return n.run.Load() }
+
+// kill SIGKILLs the node's QEMU process group, if it started.
+func (n *Node) kill() {
+	if r := n.current(); r != nil && r.cmd.Process != nil {
+		syscall.Kill(-r.cmd.Process.Pid, syscall.SIGKILL)
+	}
+}
+
+// waitExit waits up to d for the node's QEMU to exit and reports whether
+// it did (true for a node that never started).
+func (n *Node) waitExit(d time.Duration) bool {
+	r := n.current()
+	if r == nil {
+		return true
+	}
+	select {
+	case <-r.exited:
+		return true
+	case <-time.After(d):
+		return false
+	}
 }
 
 // Result is the outcome of a command run in a node.
@@ -245,7 +277,7 @@ func Start(ctx context.Context, cfg Config) (_ *Cluster, err error) {
 		fmt.Fprintf(&hosts, "%s n%d\n", nodeIP(i), i)
 	}
 	for i := 1; i <= cfg.Nodes; i++ {
-		n := &Node{Name: fmt.Sprintf("n%d", i), IP: nodeIP(i), Index: i, exited: make(chan struct{})}
+		n := &Node{Name: fmt.Sprintf("n%d", i), IP: nodeIP(i), Index: i}
 		n.dir = filepath.Join(c.dir, n.Name)
 		n.ctl = filepath.Join(n.dir, "ctl")
 		n.console = filepath.Join(n.dir, "console.log")
@@ -413,13 +445,13 @@ func (c *Cluster) startNode(n *Node) error {
 		logf.Close()
 		return fmt.Errorf("virtnode: starting QEMU for %s: %w", n.Name, err)
 	}
-	n.qemu = cmd
-	exited := n.exited
+	r := &qemuRun{cmd: cmd, exited: make(chan struct{})}
 	go func() {
-		n.waitErr = cmd.Wait()
+		r.err = cmd.Wait()
 		logf.Close()
-		close(exited)
+		close(r.exited)
 	}()
+	n.run.Store(r)
 	n.started = start
 	return nil
 }
@@ -451,6 +483,7 @@ func hostTSCkHz() int {
 }
 
 func (n *Node) waitReady(ctx context.Context) error {
+	r := n.current()
 	ready := filepath.Join(n.ctl, "ready")
 	for {
 		if _, err := os.Stat(ready); err == nil {
@@ -458,9 +491,9 @@ func (n *Node) waitReady(ctx context.Context) error {
 			return nil
 		}
 		select {
-		case <-n.exited:
+		case <-r.exited:
 			return fmt.Errorf("virtnode: %s: QEMU exited before the node was ready (%v)\nqemu: %s\nconsole tail:\n%s",
-				n.Name, n.waitErr, n.qemuLogTail(40), n.ConsoleTail(30))
+				n.Name, r.err, n.qemuLogTail(40), n.ConsoleTail(30))
 		case <-ctx.Done():
 			return fmt.Errorf("virtnode: %s not ready: %w\nconsole tail:\n%s", n.Name, ctx.Err(), n.ConsoleTail(30))
 		case <-time.After(20 * time.Millisecond):
@@ -495,12 +528,16 @@ func (n *Node) ConsoleTail(lines int) string {
 }
 
 // PID is the node's QEMU process id.
-func (n *Node) PID() int { return n.qemu.Process.Pid }
+func (n *Node) PID() int { return n.current().cmd.Process.Pid }
 
 // Alive reports whether the node's QEMU is still running.
 func (n *Node) Alive() bool {
+	r := n.current()
+	if r == nil {
+		return false
+	}
 	select {
-	case <-n.exited:
+	case <-r.exited:
 		return false
 	default:
 		return true
@@ -531,7 +568,11 @@ func (n *Node) Hung() (bool, time.Duration) {
 // not, why.
 func (n *Node) Healthy() (bool, string) {
 	if !n.Alive() {
-		return false, fmt.Sprintf("%s's QEMU exited (%v)", n.Name, n.waitErr)
+		err := error(nil)
+		if r := n.current(); r != nil {
+			err = r.err
+		}
+		return false, fmt.Sprintf("%s's QEMU exited (%v)", n.Name, err)
 	}
 	if hung, age := n.Hung(); hung {
 		return false, fmt.Sprintf("%s hung: its agent's last heartbeat is %v old", n.Name, age.Round(time.Second))
@@ -547,13 +588,9 @@ var ErrNodeHung = errors.New("virt node hung")
 // still running in it are lost. It is how tests get past a node that hung
 // or died under a guest (docs/testing.md).
 func (c *Cluster) Restart(ctx context.Context, n *Node) error {
-	if n.qemu != nil && n.qemu.Process != nil {
-		syscall.Kill(-n.qemu.Process.Pid, syscall.SIGKILL)
-		select {
-		case <-n.exited:
-		case <-time.After(30 * time.Second):
-			return fmt.Errorf("virtnode: %s: QEMU did not die after SIGKILL", n.Name)
-		}
+	n.kill()
+	if !n.waitExit(30 * time.Second) {
+		return fmt.Errorf("virtnode: %s: QEMU did not die after SIGKILL", n.Name)
 	}
 	for _, f := range []string{"ready", "alive", "run", "new"} {
 		if err := os.RemoveAll(filepath.Join(n.ctl, f)); err != nil {
@@ -563,7 +600,6 @@ func (c *Cluster) Restart(ctx context.Context, n *Node) error {
 	old := n.console + ".before-restart"
 	os.Remove(old)
 	os.Rename(n.console, old)
-	n.exited, n.waitErr = make(chan struct{}), nil
 	if err := c.startNode(n); err != nil {
 		return err
 	}
@@ -644,6 +680,7 @@ func (p *Proc) Wait(ctx context.Context) (Result, error) {
 		return *p.res, nil
 	}
 	n := p.node
+	run := n.current() // the QEMU this command was started in
 	rcFile := filepath.Join(p.dir, "rc")
 	delay := time.Millisecond
 	var killedAt, checked time.Time
@@ -673,10 +710,10 @@ func (p *Proc) Wait(ctx context.Context) (Result, error) {
 			}
 		}
 		select {
-		case <-n.exited:
+		case <-run.exited:
 			return Result{Stdout: p.Stdout(), Stderr: p.Stderr(), ExitCode: -1},
 				fmt.Errorf("virtnode: %s died while running a command (QEMU: %v)\nqemu.log tail:\n%s\nconsole tail:\n%s",
-					n.Name, n.waitErr, n.qemuLogTail(30), n.ConsoleTail(30))
+					n.Name, run.err, n.qemuLogTail(30), n.ConsoleTail(30))
 		case <-ctx.Done():
 			if killedAt.IsZero() {
 				p.Kill()
@@ -709,17 +746,10 @@ func (n *Node) Run(ctx context.Context, script string) (Result, error) {
 func (c *Cluster) Close() error {
 	c.closeOnce.Do(func() {
 		for _, n := range c.Nodes {
-			if n.qemu != nil && n.qemu.Process != nil {
-				syscall.Kill(-n.qemu.Process.Pid, syscall.SIGKILL)
-			}
+			n.kill()
 		}
 		for _, n := range c.Nodes {
-			if n.qemu != nil {
-				select {
-				case <-n.exited:
-				case <-time.After(10 * time.Second):
-				}
-			}
+			n.waitExit(10 * time.Second)
 		}
 		if c.holder != nil && c.holder.Process != nil {
 			syscall.Kill(-c.holder.Process.Pid, syscall.SIGKILL)

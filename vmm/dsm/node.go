@@ -774,41 +774,37 @@ func (nd *Node) enqueue(idx int, r homeReq) {
 	if nd.localOnly(idx, e, r) {
 		// Common case: no remote slice to wait for, so serve on this
 		// (reader) goroutine and save a goroutine handoff.
-		if err := nd.serve(idx, r); err != nil {
-			if nd.ctx.Err() == nil {
-				nd.fail(err)
-			}
+		var more bool
+		if r, more = nd.serveOne(idx, e, r); !more {
 			return
 		}
-		e.mu.Lock()
-		if len(e.queue) == 0 {
-			e.busy = false
-			e.mu.Unlock()
-			return
-		}
-		r = e.queue[0]
-		e.queue = e.queue[1:]
-		e.mu.Unlock()
 	}
 	go func() {
-		for {
-			if err := nd.serve(idx, r); err != nil {
-				if nd.ctx.Err() == nil {
-					nd.fail(err)
-				}
-				return
-			}
-			e.mu.Lock()
-			if len(e.queue) == 0 {
-				e.busy = false
-				e.mu.Unlock()
-				return
-			}
-			r = e.queue[0]
-			e.queue = e.queue[1:]
-			e.mu.Unlock()
+		for more := true; more; {
+			r, more = nd.serveOne(idx, e, r)
 		}
 	}()
+}
+
+// serveOne serves r at the page's home and returns the page's next queued
+// request, or false when there is none (the entry is then idle) or serving
+// failed (the node then failed).
+func (nd *Node) serveOne(idx int, e *dirEntry, r homeReq) (homeReq, bool) {
+	if err := nd.serve(idx, r); err != nil {
+		if nd.ctx.Err() == nil {
+			nd.fail(err)
+		}
+		return homeReq{}, false
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if len(e.queue) == 0 {
+		e.busy = false
+		return homeReq{}, false
+	}
+	r = e.queue[0]
+	e.queue = e.queue[1:]
+	return r, true
 }
 
 // localOnly reports whether serving r needs no reply from another slice.

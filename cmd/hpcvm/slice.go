@@ -44,6 +44,7 @@ type sliceOpts struct {
 	results   []uint64 // guest-physical addresses printed at the end (slice 0)
 	timeout   time.Duration
 	hold      time.Duration  // coherence hold window (dsm.NodeConfig.Hold)
+	replicate bool           // replicated page tables (micro-guests)
 	stopSig   syscall.Signal // --stop-signal (0: SIGINT and SIGTERM stop the slice)
 	stopped   func() (os.Signal, bool)
 	verbose   bool
@@ -128,7 +129,7 @@ type sliceFlags struct {
 	peers, listen, vmID, secretFile, placement, mem *string
 	builtin, program, timeout, hold, stopSignal     *string
 	results                                         addrList
-	verbose                                         *bool
+	verbose, replicateTables                        *bool
 	kernel, initrd, cmdline, vsock, console         *string
 	disks                                           diskFlags
 	cid                                             *uint64
@@ -158,6 +159,7 @@ func newSliceFlags() *sliceFlags {
 	f.timeout = fs.String("timeout", "0", "stop with an error after `DURATION` (e.g. 10m; 0: no limit)")
 	f.hold = fs.String("hold", "0", "keep a page granted for writing at least `DURATION` before giving it up (e.g. 2ms; damps page-table ping-pong; 0: off)")
 	f.stopSignal = fs.String("stop-signal", "", "stop only on `SIGNAL` (e.g. SIGUSR1) and exit 0; SIGINT, SIGTERM and SIGHUP are then caught and ignored (a slice of a Slurm job step, as hpcvm vm run --stop-signal)")
+	f.replicateTables = fs.Bool("replicate-tables", false, "replicate the micro-guest's page-table pages instead of moving them (2 slices; docs/dsm.md, \"Replicated page tables\")")
 	f.verbose = fs.Bool("v", false, "log protocol events to stderr")
 	fs.Usage = func() { sliceUsage(fs) }
 	return f
@@ -268,6 +270,15 @@ func parseSliceArgs(args []string) (*sliceOpts, error) {
 	}
 	if o.hold < 0 || o.hold > time.Second {
 		return nil, fmt.Errorf("--hold %s: must be between 0 and 1s", *f.hold)
+	}
+	o.replicate = *f.replicateTables
+	switch {
+	case o.replicate && o.linux != nil:
+		// Linux builds and frees its page tables as it runs: replicating
+		// them needs the reuse detection docs/dsm.md lists as not built.
+		return nil, errors.New("--replicate-tables works with micro-guests only (--builtin, --program), not --kernel")
+	case o.replicate && len(o.placement) > 2:
+		return nil, fmt.Errorf("--replicate-tables: %d slices; replicated page tables support 2 for now", len(o.placement))
 	}
 	switch {
 	case o.linux != nil:
@@ -395,6 +406,9 @@ func runSlice(o *sliceOpts, stdout io.Writer) int {
 		Loader:    microguest.Program{Code: o.code},
 		DonePort:  dsm.DonePort,
 		Hold:      o.hold,
+		// The micro-guest's tables are fixed at load time, so its initial
+		// CR3 names them all.
+		ReplicateTables: o.replicate,
 		Setup: func(h *dsm.Home) error {
 			return h.Machine.IO.Register("report", dsm.ReportPort, 1, rep)
 		},

@@ -183,6 +183,9 @@ func TestMicroGuestsAcrossSlices(t *testing.T) {
 					"--vm-id", "e2e-mg", "--secret-file", dir + "/key", "--placement", "0/1",
 					"--builtin", tc.prog, "--iters", strconv.Itoa(tc.iters), "--timeout", "3m"}
 				argv = append(argv, holdArgs()...)
+				if os.Getenv("HPCVM_E2E_REPLICATE_TABLES") == "1" {
+					argv = append(argv, "--replicate-tables")
+				}
 				p, err := n.RunBackground(guestvm.Quote(argv) + " </dev/null")
 				if err != nil {
 					t.Fatal(err)

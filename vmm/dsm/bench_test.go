@@ -45,7 +45,9 @@ func benchSpin() time.Duration {
 	return d
 }
 
-func newNodePair(b *testing.B) *nodePair {
+// newNodePair connects two nodes over loopback; onFail (nil: the test
+// fails) is told of a node failing.
+func newNodePair(b testing.TB, onFail func(i int, err error)) *nodePair {
 	b.Helper()
 	requireKVMAndUFFD(b)
 	lns, addrs := loopbackListeners(b, 2)
@@ -72,7 +74,13 @@ func newNodePair(b *testing.B) *nodePair {
 			b.Fatal(errs[i])
 		}
 		n, err := NewNode(NodeConfig{RAM: p.rams[i], Transport: p.trs[i], Logger: lg, BusyPoll: benchSpin(),
-			OnFail: func(err error) { b.Errorf("node failed: %v", err) }})
+			OnFail: func(err error) {
+				if onFail != nil {
+					onFail(i, err)
+				} else {
+					b.Errorf("node %d failed: %v", i, err)
+				}
+			}})
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -153,7 +161,7 @@ func (p *nodePair) fillPattern(b *testing.B, first, n int) {
 // slice 0): missing fault -> read request -> home fetches locally ->
 // grant with 4 KiB -> UFFDIO_COPY. Reset (not timed): slice 0 writes it.
 func BenchmarkRemoteReadFault(b *testing.B) {
-	p := newNodePair(b)
+	p := newNodePair(b, nil)
 	pp := newPipe(b)
 	const pg = 0x200 // even: homed on slice 0
 	p.fillPattern(b, pg, 1)
@@ -177,7 +185,7 @@ func BenchmarkRemoteReadFault(b *testing.B) {
 // -> write request -> home invalidates slice 0's copy -> grant without
 // data -> write protection lifted. Reset (not timed): slice 0 reads it.
 func BenchmarkWriteUpgrade(b *testing.B) {
-	p := newNodePair(b)
+	p := newNodePair(b, nil)
 	pp := newPipe(b)
 	const pg = 0x202
 	p.fillPattern(b, pg, 1)
@@ -311,7 +319,7 @@ func median(d []time.Duration) time.Duration {
 // DSM's ("rawrtt"), a remote read fault and a write upgrade, and reports
 // medians, 99th percentiles and the fault/RTT ratios (docs/benchmarks.md).
 func BenchmarkFaultVsTCP(b *testing.B) {
-	p := newNodePair(b)
+	p := newNodePair(b, nil)
 	pp := newPipe(b)
 	e := newTCPEcho(b, false)
 	er := newTCPEcho(b, true)
@@ -355,7 +363,7 @@ func BenchmarkFaultVsTCP(b *testing.B) {
 // BenchmarkFaultThroughput: 8 threads on slice 1 fault distinct pages
 // owned by slice 0 (half homed on each slice); reports faults/s served.
 func BenchmarkFaultThroughput(b *testing.B) {
-	p := newNodePair(b)
+	p := newNodePair(b, nil)
 	const workers = 8
 	const first = 0x400
 	total := b.N

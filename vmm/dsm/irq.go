@@ -167,6 +167,9 @@ func (l startLoader) Load(*memory.RAM, int) error { return nil }
 
 func (l startLoader) SetupVCPU(id, ncpu int, regs *kvm.Regs, sregs *kvm.Sregs) bool {
 	start := l.Loader.SetupVCPU(id, ncpu, regs, sregs)
+	if start && sregs.CR0&(1<<31) != 0 {
+		l.q.s.bootCR3 = append(l.q.s.bootCR3, sregs.CR3) // machine.New, before any vCPU runs
+	}
 	if v := l.q.local[id]; v != nil {
 		v.waitSIPI = !start
 	}

@@ -33,9 +33,16 @@ const (
 	invalid   pstate = iota // no copy: any access faults (page dropped)
 	shared                  // read-only copy, write-protected
 	exclusive               // the only copy, writable
+	replica                 // a writable replica of a page table (replica.go)
 )
 
-func (s pstate) String() string { return [...]string{"invalid", "shared", "exclusive"}[s] }
+func (s pstate) String() string { return [...]string{"invalid", "shared", "exclusive", "replica"}[s] }
+
+// usable reports whether a copy in state s serves an access (a write
+// needs exclusive or replica).
+func (s pstate) usable(write bool) bool {
+	return s == exclusive || s == replica || !write && s == shared
+}
 
 // page is this slice's view of one guest page.
 //
@@ -64,12 +71,16 @@ type dirEntry struct {
 	queue   []homeReq
 	writer  int    // slice with write access, or -1
 	copyset uint64 // slices holding a valid copy (bit i = slice i)
+	// replicated: every slice in copyset holds a writable replica
+	// (writer is -1).
+	replicated bool
 }
 
 type homeReq struct {
-	from  int
-	write bool
-	reqID uint64
+	from    int
+	write   bool
+	replica bool // a replica request (a page-table page)
+	reqID   uint64
 }
 
 type region struct {
@@ -113,6 +124,9 @@ type Stats struct {
 	IOServed                atomic.Int64 // slice 0: forwarded device accesses performed
 	IRQsSent, IRQsReceived  atomic.Int64 // interrupt messages to/from other slices
 	Held                    atomic.Int64 // invalidations and fetches deferred by the hold window
+	Replicated              atomic.Int64 // pages this slice started holding as replicas
+	UpdatesSent             atomic.Int64 // update frames published
+	UpdatesApplied          atomic.Int64 // update frames received
 }
 
 // NodeConfig configures a Node.
@@ -136,6 +150,9 @@ type NodeConfig struct {
 	// without a hold two slices steal the page tables from each other
 	// after every single walk (docs/dsm.md, "Hold window").
 	Hold time.Duration
+	// Tables classifies page-table pages, which are replicated rather
+	// than moved (replica.go); nil: none. SetTables changes it later.
+	Tables TableClassifier
 }
 
 // Node is one slice's coherence engine. It implements memory.Guest.
@@ -156,6 +173,8 @@ type Node struct {
 	busyPoll time.Duration
 	hold     time.Duration
 	epoch    time.Time // origin of page.grantedAt
+	tables   atomic.Pointer[TableClassifier]
+	rep      replicas
 
 	pmu     sync.Mutex
 	pending map[uint64]chan Msg
@@ -196,6 +215,7 @@ func newNode(cfg NodeConfig) (*Node, error) {
 		onFail: cfg.OnFail, control: cfg.Control, zero: make([]byte, PageSize), pending: map[uint64]chan Msg{},
 		busyPoll: cfg.BusyPoll, hold: cfg.Hold, epoch: time.Now()}
 	nd.ctx, nd.cancel = context.WithCancel(context.Background())
+	nd.SetTables(cfg.Tables)
 	npages := 0
 	for _, r := range cfg.RAM.Regions() {
 		nd.regs = append(nd.regs, region{gpa: r.GPA, host: r.Host, first: npages})
@@ -344,6 +364,9 @@ func (nd *Node) hostPage(idx int) []byte {
 func (nd *Node) home(pfn uint64) int { return int(pfn % uint64(nd.n)) }
 
 func (nd *Node) send(to int, m *Msg) {
+	if to != nd.id {
+		nd.publish()
+	}
 	if err := nd.tr.Send(to, m); err != nil && nd.ctx.Err() == nil {
 		nd.fail(fmt.Errorf("slice %d: %w", to, err))
 	}
@@ -399,7 +422,7 @@ func (nd *Node) hostIndex(addr uint64) (int, bool) {
 func (nd *Node) onFault(idx int, write bool) error {
 	p := &nd.pages[idx]
 	p.mu.Lock()
-	if p.st == exclusive || !write && p.st == shared {
+	if p.st.usable(write) {
 		var err error
 		if !p.mapped {
 			err = nd.installLocked(idx, nil, p.st == shared)
@@ -423,8 +446,14 @@ func (nd *Node) onFault(idx int, write bool) error {
 func (nd *Node) request(idx int, write bool) {
 	nd.pages[idx].requests.Add(1)
 	m := Msg{Type: MsgReadReq, ReqID: nd.seq.Add(1), Page: nd.pfn(idx)}
+	if nd.isTable(m.Page) {
+		// Read or write: a page-table page is replicated (replica.go).
+		m.Type = MsgReplicaReq
+	}
 	if write {
-		m.Type = MsgWriteReq
+		if m.Type != MsgReplicaReq {
+			m.Type = MsgWriteReq
+		}
 		nd.Stats.WriteFaults.Add(1)
 	} else {
 		nd.Stats.ReadFaults.Add(1)
@@ -439,7 +468,7 @@ func (nd *Node) acquire(idx int, write bool) error {
 	p := &nd.pages[idx]
 	for {
 		p.mu.Lock()
-		if p.st == exclusive || !write && p.st == shared {
+		if p.st.usable(write) {
 			p.mu.Unlock()
 			return nil
 		}
@@ -515,12 +544,12 @@ func (nd *Node) Deliver(from int, m *Msg) {
 			return
 		}
 		switch m.Type {
-		case MsgReadReq, MsgWriteReq:
+		case MsgReadReq, MsgWriteReq, MsgReplicaReq:
 			if nd.home(m.Page) != nd.id {
 				nd.fail(fmt.Errorf("%w: slice %d sent %v for page %#x homed on slice %d", ErrProtocol, from, m.Type, m.Page, nd.home(m.Page)))
 				return
 			}
-			nd.enqueue(idx, homeReq{from: from, write: m.Type == MsgWriteReq, reqID: m.ReqID})
+			nd.enqueue(idx, homeReq{from: from, write: m.Type == MsgWriteReq, replica: m.Type == MsgReplicaReq, reqID: m.ReqID})
 		case MsgFetch:
 			nd.onFetch(from, idx, m)
 		case MsgInvalidate:
@@ -534,6 +563,10 @@ func (nd *Node) Deliver(from int, m *Msg) {
 	}
 	if m.Type == MsgIOReply || m.Type == MsgClockReply {
 		nd.reply(from, m)
+		return
+	}
+	if m.Type == MsgUpdate {
+		nd.applyUpdate(from, m)
 		return
 	}
 	if nd.control != nil {
@@ -567,6 +600,9 @@ func (nd *Node) Call(to int, m *Msg, abort <-chan struct{}) (Msg, error) {
 	nd.pmu.Lock()
 	nd.pending[m.ReqID] = ch
 	nd.pmu.Unlock()
+	if to != nd.id {
+		nd.publish()
+	}
 	forget := func() {
 		nd.pmu.Lock()
 		delete(nd.pending, m.ReqID)
@@ -595,10 +631,11 @@ var errAborted = errors.New("dsm: call aborted")
 func (nd *Node) PeerFailed(peer int, err error) { nd.fail(err) }
 
 func (nd *Node) onFetch(from, idx int, m *Msg) {
-	if nd.deferHeld(idx, m, func(m *Msg) { nd.onFetch(from, idx, m) }) {
+	asReplica := m.Flags&FlagReplica != 0 // keeps the page here: no hold
+	if !asReplica && nd.deferHeld(idx, m, func(m *Msg) { nd.onFetch(from, idx, m) }) {
 		return
 	}
-	r, err := nd.fetchLocal(idx)
+	r, err := nd.fetchLocal(idx, asReplica)
 	if err != nil {
 		nd.fail(fmt.Errorf("slice %d asked for page %#x: %w", from, m.Page, err))
 		return
@@ -609,13 +646,20 @@ func (nd *Node) onFetch(from, idx int, m *Msg) {
 
 // fetchLocal answers a fetch for page idx: this slice keeps a shared copy
 // (write-protected before it is copied, so no write is lost) and returns
-// the fetch-reply with its content.
-func (nd *Node) fetchLocal(idx int) (Msg, error) {
+// the fetch-reply with its content. asReplica: it keeps a writable
+// replica instead and returns the content as published.
+func (nd *Node) fetchLocal(idx int, asReplica bool) (Msg, error) {
 	p := &nd.pages[idx]
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.st == invalid {
 		return Msg{}, fmt.Errorf("%w: this slice does not hold the page", ErrProtocol)
+	}
+	if asReplica {
+		return nd.replicaContentLocked(idx)
+	}
+	if p.st == replica {
+		return Msg{}, fmt.Errorf("%w: asked to downgrade a replicated page", ErrProtocol)
 	}
 	if p.st == exclusive && p.mapped {
 		if err := nd.u.WriteProtect(uffd.Addr(nd.hostPage(idx)), PageSize, true, false); err != nil {
@@ -649,6 +693,14 @@ func (nd *Node) invalidateLocal(idx int, wantData bool) (Msg, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	host := nd.hostPage(idx)
+	if p.st == replica {
+		// Stop this slice's writes, publish them, then let go.
+		if err := nd.u.WriteProtect(uffd.Addr(host), PageSize, true, false); err != nil {
+			return Msg{}, err
+		}
+		nd.publishAndDrop(idx)
+		p.st = shared // write-protected now
+	}
 	if wantData {
 		if p.st == exclusive && p.mapped {
 			if err := nd.u.WriteProtect(uffd.Addr(host), PageSize, true, false); err != nil {
@@ -669,9 +721,24 @@ func (nd *Node) invalidateLocal(idx int, wantData bool) (Msg, error) {
 }
 
 func (nd *Node) onGrant(from, idx int, m *Msg) {
+	if m.Flags&FlagReplica != 0 {
+		nd.onReplicaGrant(from, idx, m)
+		return
+	}
 	p := &nd.pages[idx]
 	excl := m.Flags&FlagExclusive != 0
 	p.mu.Lock()
+	if p.st == replica {
+		// De-replicated: this slice's copy is the only one left.
+		nd.dropReplicaLocked(idx)
+		p.st = exclusive
+		if !excl {
+			err := fmt.Errorf("%w: slice %d granted a shared copy of replicated page %#x", ErrProtocol, from, m.Page)
+			p.mu.Unlock()
+			nd.fail(err)
+			return
+		}
+	}
 	var err error
 	woke := true // UFFDIO_COPY and lifting write protection wake the faulting threads
 	switch {
@@ -814,6 +881,9 @@ func (nd *Node) serveOne(idx int, e *dirEntry, r homeReq) (homeReq, bool) {
 func (nd *Node) localOnly(idx int, e *dirEntry, r homeReq) bool {
 	self := uint64(1) << nd.id
 	bit := uint64(1) << r.from
+	if r.replica || e.replicated {
+		return e.replicated && e.copyset&bit != 0 // a stale request
+	}
 	if e.writer == nd.id && r.from != nd.id && nd.holdLeft(idx) > 0 {
 		return false
 	}
@@ -843,7 +913,17 @@ func (nd *Node) serve(idx int, r homeReq) error {
 	bit := uint64(1) << r.from
 	grant := Msg{Type: MsgGrant, ReqID: r.reqID, Page: pfn}
 	nd.Stats.HomeServed.Add(1)
+	if e.replicated && r.write && !r.replica {
+		// A write fault on a replicated page by a slice that does not
+		// take it for a page table: back to a single writer (the
+		// replicas publish and drop in invalidateLocal).
+		e.replicated = false
+	}
 	switch {
+	case r.replica || e.replicated:
+		if err := nd.serveReplica(idx, e, r, &grant); err != nil {
+			return err
+		}
 	case e.writer == r.from:
 		grant.Flags = FlagExclusive // already the owner (a stale request)
 	case !r.write && e.copyset&bit != 0:
@@ -924,7 +1004,7 @@ func (nd *Node) callMany(set uint64, mk func(slice int) Msg) (map[int]Msg, error
 		// goroutine when the hold has time left, see localOnly).
 		m := mk(nd.id)
 		idx, _ := nd.pageIndex(m.Page)
-		if d := nd.holdLeft(idx); d > 0 {
+		if d := nd.holdLeft(idx); d > 0 && m.Flags&FlagReplica == 0 {
 			nd.Stats.Held.Add(1)
 			t := time.NewTimer(d)
 			select {
@@ -937,7 +1017,7 @@ func (nd *Node) callMany(set uint64, mk func(slice int) Msg) (map[int]Msg, error
 		var r Msg
 		var err error
 		if m.Type == MsgFetch {
-			r, err = nd.fetchLocal(idx)
+			r, err = nd.fetchLocal(idx, m.Flags&FlagReplica != 0)
 		} else {
 			r, err = nd.invalidateLocal(idx, m.Flags&FlagWantData != 0)
 		}
@@ -981,7 +1061,7 @@ func (nd *Node) access(b []byte, off int64, write bool) (int, error) {
 			}
 			p := &nd.pages[idx]
 			p.mu.Lock()
-			if p.st == exclusive || !write && p.st == shared {
+			if p.st.usable(write) {
 				// Holding p.mu keeps the copy from being invalidated while
 				// this goroutine touches it; it is populated first so the
 				// copy itself never faults.

@@ -41,8 +41,12 @@ type SliceConfig struct {
 	// with coherent access to guest memory (e.g. to read results).
 	Finish func(g memory.Guest) error
 	// Hold is the coherence hold window (NodeConfig.Hold).
-	Hold   time.Duration
-	Logger *slog.Logger
+	Hold time.Duration
+	// ReplicateTables replicates the guest's page-table pages instead of
+	// moving them (replica.go): the tables reachable from the local
+	// vCPUs' initial CR3. Two slices at most, for now.
+	ReplicateTables bool
+	Logger          *slog.Logger
 }
 
 // Home is what slice 0's Setup gets to attach the VM's devices.
@@ -78,13 +82,15 @@ type StatsSnapshot struct {
 	ReadFaults, WriteFaults, Requests, HomeServed, Invalidations, Fetches int64
 	IOForwarded, IOServed, IRQsSent, IRQsReceived                         int64
 	Held                                                                  int64
+	Replicated, UpdatesSent, UpdatesApplied                               int64
 }
 
 // Snapshot copies the counters.
 func (s *Stats) Snapshot() StatsSnapshot {
 	return StatsSnapshot{s.ReadFaults.Load(), s.WriteFaults.Load(), s.Requests.Load(), s.HomeServed.Load(),
 		s.Invalidations.Load(), s.Fetches.Load(), s.IOForwarded.Load(), s.IOServed.Load(),
-		s.IRQsSent.Load(), s.IRQsReceived.Load(), s.Held.Load()}
+		s.IRQsSent.Load(), s.IRQsReceived.Load(), s.Held.Load(),
+		s.Replicated.Load(), s.UpdatesSent.Load(), s.UpdatesApplied.Load()}
 }
 
 // machine returns the slice's machine once it exists (else nil).
@@ -109,6 +115,8 @@ type sliceRun struct {
 	// machine; retireMachine takes it before the machine is closed.
 	mmu     sync.RWMutex
 	mclosed bool
+
+	bootCR3 []uint64 // local vCPUs' initial CR3 with paging on (startLoader)
 
 	mu    sync.Mutex
 	m     *machine.Machine
@@ -198,6 +206,9 @@ func RunSlice(ctx context.Context, cfg SliceConfig) (SliceResult, error) {
 	if s.id < 0 || s.id >= s.n {
 		return SliceResult{}, fmt.Errorf("dsm: slice id %d not in 0..%d", s.id, s.n-1)
 	}
+	if cfg.ReplicateTables && s.n > 2 {
+		return SliceResult{}, fmt.Errorf("dsm: replicated page tables need 2 slices at most, have %d (docs/dsm.md)", s.n)
+	}
 	s.ncpu, s.vcpus = ncpu, cfg.Placement[s.id]
 	// Before the transport: interrupt messages may arrive as soon as it runs.
 	s.irq = newIRQState(s)
@@ -240,6 +251,11 @@ func RunSlice(ctx context.Context, cfg SliceConfig) (SliceResult, error) {
 	}
 	defer m.Close()
 	defer s.retireMachine() // before m.Close
+	if cfg.ReplicateTables {
+		if err := s.classifyTables(); err != nil {
+			return SliceResult{}, err
+		}
+	}
 	if err := m.VM().TrapMSRs(msrTSCDeadline); err != nil {
 		s.log.Warn("dsm: no TSC-deadline timer (IA32_TSC_DEADLINE cannot be trapped)", "err", err)
 	}

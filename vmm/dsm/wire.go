@@ -55,6 +55,8 @@ const (
 	MsgInvalidate  MsgType = 20 // home -> holder: drop your copy (send it if WantData)
 	MsgInvAck      MsgType = 21 // holder -> home: dropped (with data if asked)
 	MsgGrant       MsgType = 22 // home -> requester: access granted (with data if needed)
+	MsgReplicaReq  MsgType = 23 // requester -> home: want a writable replica of a page-table page
+	MsgUpdate      MsgType = 24 // replica holder -> the other slices: words it changed in a replica
 	MsgShutdown    MsgType = 33 // slice 0 -> all: stop the VM
 	MsgShutdownAck MsgType = 34 // slice -> slice 0: stopping, will not need pages
 	MsgIOReq       MsgType = 40 // slice -> slice 0: a vCPU's port I/O or MMIO access, for the home's devices
@@ -70,7 +72,7 @@ var typeNames = map[MsgType]string{
 	MsgHello: "hello", MsgChallenge: "challenge", MsgProof: "proof", MsgWelcome: "welcome",
 	MsgError: "error", MsgHeartbeat: "heartbeat", MsgReadReq: "read-req", MsgWriteReq: "write-req",
 	MsgFetch: "fetch", MsgFetchReply: "fetch-reply", MsgInvalidate: "invalidate", MsgInvAck: "inv-ack",
-	MsgGrant: "grant", MsgShutdown: "shutdown", MsgShutdownAck: "shutdown-ack",
+	MsgGrant: "grant", MsgReplicaReq: "replica-req", MsgUpdate: "update", MsgShutdown: "shutdown", MsgShutdownAck: "shutdown-ack",
 	MsgIOReq: "io-req", MsgIOReply: "io-reply", MsgInterrupt: "interrupt", MsgEOI: "eoi", MsgAPICState: "apic-state",
 	MsgClockReq: "clock-req", MsgClockReply: "clock-reply",
 }
@@ -90,8 +92,12 @@ const (
 	FlagData      PageFlags = 1 << 1 // PageSize bytes of page data follow
 	FlagZero      PageFlags = 1 << 2 // the page's content is all zeros (no bytes follow)
 	FlagWantData  PageFlags = 1 << 3 // Invalidate: reply with the content
+	// FlagReplica on a Grant makes the copy a writable replica; on a
+	// Fetch it asks the holder to turn its copy into one (docs/dsm.md,
+	// "Replicated page tables").
+	FlagReplica PageFlags = 1 << 4
 
-	knownPageFlags = FlagExclusive | FlagData | FlagZero | FlagWantData
+	knownPageFlags = FlagExclusive | FlagData | FlagZero | FlagWantData | FlagReplica
 )
 
 // HasContent reports whether the message carries page content (bytes or
@@ -149,9 +155,28 @@ type Msg struct {
 	// Error, Shutdown.
 	Code uint16
 	Text string
+
+	// Update: the words of replica Page its sender changed.
+	Words []WordUpdate
 }
 
-func isPageMsg(t MsgType) bool { return t >= MsgReadReq && t <= MsgGrant }
+// WordUpdate is one changed 8-byte word of a replicated page: its index
+// in the page, the value the change was based on, and the new value.
+type WordUpdate struct {
+	Index    uint16
+	Old, New uint64
+}
+
+const (
+	wordUpdateSize = 18 // index, old, new
+	updateHeadSize = 10 // page, count
+	// MaxUpdateWords is how many words one Update frame carries; a
+	// larger diff is sent as several frames, in order.
+	MaxUpdateWords = (MaxPayload - updateHeadSize) / wordUpdateSize
+	wordsPerPage   = PageSize / 8
+)
+
+func isPageMsg(t MsgType) bool { return t >= MsgReadReq && t <= MsgReplicaReq }
 
 // AppendFrame appends m's encoding to b.
 func AppendFrame(b []byte, m *Msg) ([]byte, error) {
@@ -234,6 +259,20 @@ func AppendFrame(b []byte, m *Msg) ([]byte, error) {
 		}
 		b = binary.BigEndian.AppendUint16(b, m.VCPU)
 		b = append(b, m.APICID, m.LDR, m.DFR)
+	case m.Type == MsgUpdate:
+		if len(m.Words) == 0 || len(m.Words) > MaxUpdateWords {
+			return nil, fmt.Errorf("dsm: update of %d words (1..%d)", len(m.Words), MaxUpdateWords)
+		}
+		b = binary.BigEndian.AppendUint64(b, m.Page)
+		b = binary.BigEndian.AppendUint16(b, uint16(len(m.Words)))
+		for _, w := range m.Words {
+			if w.Index >= wordsPerPage {
+				return nil, fmt.Errorf("dsm: update of word %d (a page has %d)", w.Index, wordsPerPage)
+			}
+			b = binary.BigEndian.AppendUint16(b, w.Index)
+			b = binary.BigEndian.AppendUint64(b, w.Old)
+			b = binary.BigEndian.AppendUint64(b, w.New)
+		}
 	case m.Type == MsgClockReply:
 		b = binary.BigEndian.AppendUint64(b, m.Clock)
 		b = binary.BigEndian.AppendUint64(b, m.Epoch)
@@ -434,6 +473,24 @@ func decodePayload(t MsgType, id uint64, p []byte) (Msg, error) {
 		m.APICID, m.LDR, m.DFR = p[2], p[3], p[4]
 		if m.DFR > 0xF {
 			return Msg{}, protoErr("apic-state with DFR model %#x", m.DFR)
+		}
+	case t == MsgUpdate:
+		if len(p) < updateHeadSize {
+			return Msg{}, protoErr("update payload of %d bytes", len(p))
+		}
+		m.Page = binary.BigEndian.Uint64(p)
+		n := int(binary.BigEndian.Uint16(p[8:]))
+		if n == 0 || n > MaxUpdateWords || len(p) != updateHeadSize+n*wordUpdateSize {
+			return Msg{}, protoErr("update of %d words in a %d-byte payload", n, len(p))
+		}
+		m.Words = make([]WordUpdate, n)
+		for i := range m.Words {
+			q := p[updateHeadSize+i*wordUpdateSize:]
+			w := WordUpdate{Index: binary.BigEndian.Uint16(q), Old: binary.BigEndian.Uint64(q[2:]), New: binary.BigEndian.Uint64(q[10:])}
+			if w.Index >= wordsPerPage {
+				return Msg{}, protoErr("update of word %d (a page has %d)", w.Index, wordsPerPage)
+			}
+			m.Words[i] = w
 		}
 	case t == MsgClockReply:
 		if len(p) != 16 {

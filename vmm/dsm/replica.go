@@ -1,0 +1,409 @@
+package dsm
+
+import (
+	"encoding/binary"
+	"fmt"
+	"sync"
+	"sync/atomic"
+
+	"github.com/hpcvm/hpcvm/vmm/uffd"
+)
+
+// Replicated page tables (docs/dsm.md, "Replicated page tables").
+//
+// With nested paging, a processor walking the guest's page tables needs
+// every table page writable in the nested page tables (AMD always, Intel
+// when EPT accessed/dirty bits are on), so under single-writer coherence
+// two slices steal the page tables from each other after every TLB miss.
+// Instead, a page the slice knows to be a page table is replicated: every
+// slice that walks it holds a writable copy and a twin, the content as
+// last published. Before this slice sends any message that can carry its
+// guest's causality (a page, a grant, an interrupt, a device access) it
+// publishes the words its replicas changed since their twins, as Update
+// frames ahead of that message on the same ordered connection; the
+// receiver applies them before it reads the message. So no code on
+// another slice can learn of an event here without also seeing the
+// page-table writes that came before it. Concurrent changes of one word
+// are merged with page-table semantics (mergeWord).
+//
+// Limits of this first version: two slices (ordering relies on the one
+// connection between them; with more, a publish must be acknowledged
+// before the message it precedes), and a replicated page stays replicated
+// until some slice write-faults on it as a non-table page (a guest that
+// frees a page table and reuses the page for data on a slice holding a
+// replica is not detected).
+
+// Page-table entry bits the merge needs.
+const (
+	ptePresent  = 1 << 0
+	pteAccessed = 1 << 5
+	pteDirty    = 1 << 6
+	pteAD       = pteAccessed | pteDirty
+	pteFrame    = 0x000F_FFFF_FFFF_F000
+)
+
+// mergeWord combines two changes, x and y, of one page-table word made
+// from the same base value; it is symmetric in x and y, so two slices
+// merging each other's changes agree. A processor only sets accessed and
+// dirty bits, so a change of those bits alone merges bit by bit, and a
+// software change (any other bit) keeps the bits a processor set only if
+// the entry still maps the same frame (an entry that was cleared or
+// repointed must not get them back). Two different software changes of
+// one word conflict: the guest changed one entry on two slices at once,
+// which an OS only does under a lock, so it is reported, not guessed.
+func mergeWord(base, x, y uint64) (uint64, bool) {
+	dx, dy := x^base, y^base
+	switch {
+	case dx == 0:
+		return y, true
+	case dy == 0, x == y:
+		return x, true
+	}
+	swx, swy := dx&^pteAD != 0, dy&^pteAD != 0
+	switch {
+	case !swx && !swy:
+		return base ^ (dx | dy), true
+	case swx && !swy:
+		return withWalkerBits(x, base, y&dy), true
+	case swy && !swx:
+		return withWalkerBits(y, base, x&dx), true
+	}
+	return 0, false
+}
+
+// withWalkerBits adds the accessed/dirty bits a processor set to the
+// software-changed entry sw, if it still maps base's frame.
+func withWalkerBits(sw, base, set uint64) uint64 {
+	if sw&ptePresent != 0 && sw&pteFrame == base&pteFrame {
+		return sw | set&pteAD
+	}
+	return sw
+}
+
+// replicas is a slice's set of replicated pages and their twins.
+type replicas struct {
+	// mu serialises publishing (diff and send) and applying updates:
+	// frames of one publish are on the wire before any message a later
+	// publisher precedes.
+	mu    sync.Mutex
+	twins map[int][]byte // page index -> content as last published
+	n     atomic.Int32   // len(twins), read without mu
+}
+
+// TableClassifier tells which guest pages are page tables; nil: none are
+// (replication off).
+type TableClassifier func(pfn uint64) bool
+
+// isTable reports whether page pfn is to be replicated.
+func (nd *Node) isTable(pfn uint64) bool {
+	f := nd.tables.Load()
+	return f != nil && (*f)(pfn)
+}
+
+// SetTables installs the page-table classifier (nil: replicate nothing
+// new). Pages already replicated stay so.
+func (nd *Node) SetTables(f TableClassifier) {
+	if f == nil {
+		nd.tables.Store(nil)
+		return
+	}
+	nd.tables.Store(&f)
+}
+
+// snapshot copies a mapped host page with word-atomic loads.
+func snapshot(host []byte) []byte {
+	out := make([]byte, PageSize)
+	for w := 0; w < wordsPerPage; w++ {
+		binary.LittleEndian.PutUint64(out[8*w:], loadWord(host, w))
+	}
+	return out
+}
+
+// addReplicaLocked records page idx (mapped, writable) as a replica with
+// twin. p.mu is held.
+func (nd *Node) addReplicaLocked(idx int, twin []byte) {
+	nd.rep.mu.Lock()
+	if nd.rep.twins == nil {
+		nd.rep.twins = map[int][]byte{}
+	}
+	nd.rep.twins[idx] = twin
+	nd.rep.n.Store(int32(len(nd.rep.twins)))
+	nd.rep.mu.Unlock()
+	nd.pages[idx].st = replica
+	nd.Stats.Replicated.Add(1)
+}
+
+// dropReplicaLocked forgets page idx's twin. p.mu is held.
+func (nd *Node) dropReplicaLocked(idx int) {
+	nd.rep.mu.Lock()
+	delete(nd.rep.twins, idx)
+	nd.rep.n.Store(int32(len(nd.rep.twins)))
+	nd.rep.mu.Unlock()
+}
+
+// publish sends every word this slice's replicas changed since their
+// twins to the other slices, and makes the twins current. Every send of
+// the node calls it first.
+func (nd *Node) publish() {
+	if nd.rep.n.Load() == 0 {
+		return
+	}
+	nd.rep.mu.Lock()
+	defer nd.rep.mu.Unlock()
+	nd.publishLocked()
+}
+
+// publishAndDrop publishes, then stops treating page idx as a replica, in
+// one critical section: once its twin is gone no update is applied to it
+// (the caller has write-protected it, and a goroutine must never fault
+// on guest RAM). p.mu is held.
+func (nd *Node) publishAndDrop(idx int) {
+	nd.rep.mu.Lock()
+	defer nd.rep.mu.Unlock()
+	nd.publishLocked()
+	delete(nd.rep.twins, idx)
+	nd.rep.n.Store(int32(len(nd.rep.twins)))
+}
+
+// publishLocked is publish with rep.mu held.
+func (nd *Node) publishLocked() {
+	for idx, twin := range nd.rep.twins {
+		host := nd.hostPage(idx)
+		var words []WordUpdate
+		for w := 0; w < wordsPerPage; w++ {
+			v := loadWord(host, w)
+			old := binary.LittleEndian.Uint64(twin[8*w:])
+			if v != old {
+				words = append(words, WordUpdate{Index: uint16(w), Old: old, New: v})
+				binary.LittleEndian.PutUint64(twin[8*w:], v)
+			}
+		}
+		pfn := nd.pfn(idx)
+		for len(words) > 0 {
+			k := min(len(words), MaxUpdateWords)
+			m := Msg{Type: MsgUpdate, Page: pfn, Words: words[:k]}
+			words = words[k:]
+			nd.Stats.UpdatesSent.Add(1)
+			for j := 0; j < nd.n; j++ {
+				if j == nd.id {
+					continue
+				}
+				if err := nd.tr.Send(j, &m); err != nil && nd.ctx.Err() == nil {
+					go nd.fail(fmt.Errorf("slice %d: %w", j, err)) // not under rep.mu: fail may call back
+				}
+			}
+		}
+	}
+}
+
+// applyUpdate merges another slice's published words into this slice's
+// replica of the page (if it holds one: a slice without a replica gets
+// the current content when it joins).
+func (nd *Node) applyUpdate(from int, m *Msg) {
+	idx, ok := nd.pageIndex(m.Page)
+	if !ok {
+		nd.fail(fmt.Errorf("%w: slice %d sent an update of page %#x outside guest RAM", ErrProtocol, from, m.Page))
+		return
+	}
+	nd.Stats.UpdatesApplied.Add(1)
+	nd.rep.mu.Lock()
+	defer nd.rep.mu.Unlock()
+	twin := nd.rep.twins[idx]
+	if twin == nil {
+		return
+	}
+	host := nd.hostPage(idx)
+	for _, u := range m.Words {
+		w := int(u.Index)
+		t := binary.LittleEndian.Uint64(twin[8*w:])
+		next := u.New
+		if t != u.Old {
+			// This slice published its own change of the word from the
+			// same base, crossing theirs: both sides compute this merge.
+			var ok bool
+			if next, ok = mergeWord(u.Old, t, u.New); !ok {
+				nd.conflict(from, m.Page, w, u.Old, t, u.New)
+				return
+			}
+		}
+		for {
+			cur := loadWord(host, w)
+			want := next
+			if cur != t {
+				// An unpublished change here, made from twin value t.
+				var ok bool
+				if want, ok = mergeWord(t, cur, next); !ok {
+					nd.conflict(from, m.Page, w, t, cur, next)
+					return
+				}
+			}
+			if casWord(host, w, cur, want) {
+				break
+			}
+		}
+		binary.LittleEndian.PutUint64(twin[8*w:], next)
+	}
+}
+
+func (nd *Node) conflict(from int, pfn uint64, w int, base, here, there uint64) {
+	go nd.fail(fmt.Errorf("dsm: replicated page table %#x, entry %d: this slice changed %#x to %#x while slice %d changed it to %#x",
+		pfn*PageSize, w, base, here, from, there))
+}
+
+// serveReplica serves, at the page's home, a replica request (or a read
+// request for a page already replicated): the requester joins the
+// replicas. Holders of a page not yet replicated turn their copies into
+// replicas (the single writer keeps writing, now as one replica among
+// others); a requester without a copy gets the content from a holder.
+func (nd *Node) serveReplica(idx int, e *dirEntry, r homeReq, grant *Msg) error {
+	bit := uint64(1) << r.from
+	grant.Flags = FlagReplica
+	if e.replicated && e.copyset&bit != 0 {
+		return nil // already holds one (a stale request)
+	}
+	needData := e.copyset&bit == 0
+	ask := e.copyset &^ bit // every holder becomes a replica
+	if e.replicated {
+		ask = 0 // they already are
+	}
+	src := -1
+	if needData {
+		src = nd.pickSource(e.copyset &^ bit)
+		ask |= 1 << src
+	}
+	reps, err := nd.callMany(ask, func(int) Msg { return Msg{Type: MsgFetch, Page: grant.Page, Flags: FlagReplica} })
+	if err != nil {
+		return err
+	}
+	e.replicated, e.writer = true, -1
+	e.copyset |= bit
+	if needData {
+		rep := reps[src]
+		if !rep.Flags.HasContent() {
+			return fmt.Errorf("%w: slice %d sent no content for replicated page %#x", ErrProtocol, src, grant.Page)
+		}
+		grant.Flags |= rep.Flags & (FlagData | FlagZero)
+		grant.Data = rep.Data
+	}
+	return nil
+}
+
+// replicaContentLocked makes this slice's copy of page idx a replica (if
+// it is not one yet) and returns a fetch-reply with the content as
+// published: the new replica's twin must match what this slice's later
+// updates are based on. p.mu is held.
+func (nd *Node) replicaContentLocked(idx int) (Msg, error) {
+	p := &nd.pages[idx]
+	host := nd.hostPage(idx)
+	if p.st != replica {
+		var err error
+		switch {
+		case !p.mapped:
+			err = nd.installLocked(idx, nil, false)
+		case p.st == shared:
+			err = nd.u.WriteProtect(uffd.Addr(host), PageSize, false, false)
+		}
+		if err != nil {
+			return Msg{}, err
+		}
+		nd.addReplicaLocked(idx, snapshot(host))
+	} else {
+		nd.publish()
+	}
+	nd.rep.mu.Lock()
+	data := append([]byte(nil), nd.rep.twins[idx]...)
+	nd.rep.mu.Unlock()
+	nd.Stats.Fetches.Add(1)
+	return Msg{Type: MsgFetchReply, Flags: FlagData, Data: data}, nil
+}
+
+// onReplicaGrant installs a replica: the content sent (as published by
+// its holder, so it is also the twin), or this slice's own copy made
+// writable.
+func (nd *Node) onReplicaGrant(from, idx int, m *Msg) {
+	p := &nd.pages[idx]
+	host := nd.hostPage(idx)
+	p.mu.Lock()
+	var err error
+	var twin []byte
+	switch {
+	case p.st == replica:
+		err = nd.u.Wake(uffd.Addr(host), PageSize) // a stale request
+	case m.Flags.HasContent():
+		if p.mapped {
+			if err = uffd.DropPages(host); err == nil {
+				p.mapped = false
+			}
+		}
+		twin = make([]byte, PageSize)
+		if m.Flags&FlagData != 0 {
+			copy(twin, m.Data)
+		}
+		if err == nil {
+			err = nd.installLocked(idx, twin, false)
+		}
+	case p.st == shared && p.mapped:
+		twin = snapshot(host)
+		err = nd.u.WriteProtect(uffd.Addr(host), PageSize, false, false)
+	case p.st == shared:
+		twin = make([]byte, PageSize)
+		err = nd.installLocked(idx, nil, false)
+	default:
+		err = fmt.Errorf("%w: slice %d granted a replica of page %#x without data to a slice holding none", ErrProtocol, from, m.Page)
+	}
+	if err == nil && twin != nil {
+		nd.addReplicaLocked(idx, append([]byte(nil), twin...))
+	}
+	ch := p.inflight
+	p.inflight = nil
+	p.mu.Unlock()
+	if ch != nil {
+		close(ch)
+	}
+	if err != nil && nd.ctx.Err() == nil {
+		nd.fail(err)
+	}
+}
+
+// maxTablePages bounds the page-table walk of classifyTables.
+const maxTablePages = 4096
+
+// classifyTables installs the node's page-table classifier: the pages
+// of the address spaces the local vCPUs start in.
+func (s *sliceRun) classifyTables() error {
+	set := map[uint64]bool{}
+	for _, cr3 := range s.bootCR3 {
+		t, err := pageTablePages(s.node, cr3, maxTablePages)
+		if err != nil {
+			return fmt.Errorf("dsm: reading the guest's page tables at %#x: %w", cr3, err)
+		}
+		for pfn := range t {
+			set[pfn] = true
+		}
+	}
+	s.log.Debug("dsm: replicating page tables", "pages", len(set))
+	s.node.SetTables(func(pfn uint64) bool { return set[pfn] })
+	// Take the replicas now rather than at the first walk: a read-only
+	// copy would only be upgraded on the walker's first write fault.
+	for pfn := range set {
+		if err := s.node.Replicate(pfn); err != nil {
+			return fmt.Errorf("dsm: replicating page table %#x: %w", pfn*PageSize, err)
+		}
+	}
+	return nil
+}
+
+// Replicate makes this slice hold a replica of page-table page pfn (the
+// classifier must name it), unless it already holds it writable: the
+// slice that owns it exclusively turns it into a replica when the next
+// slice joins.
+func (nd *Node) Replicate(pfn uint64) error {
+	idx, ok := nd.pageIndex(pfn)
+	if !ok {
+		return fmt.Errorf("dsm: page %#x is not guest RAM", pfn*PageSize)
+	}
+	if !nd.isTable(pfn) {
+		return fmt.Errorf("dsm: page %#x is not classified as a page table", pfn*PageSize)
+	}
+	return nd.acquire(idx, true)
+}

@@ -1,0 +1,208 @@
+package dsm
+
+import (
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hpcvm/hpcvm/vmm/layout"
+	"github.com/hpcvm/hpcvm/vmm/memory"
+	"github.com/hpcvm/hpcvm/vmm/microguest"
+)
+
+func TestMergeWord(t *testing.T) {
+	const (
+		entry = 0x1234000 | ptePresent | 1<<1 // present, writable
+		other = 0x5678000 | ptePresent | 1<<1
+	)
+	for _, c := range []struct {
+		name         string
+		base, x, y   uint64
+		want         uint64
+		wantConflict bool
+	}{
+		{"only one side changed", entry, entry | pteAccessed, entry, entry | pteAccessed, false},
+		{"both set the same bit", entry, entry | pteAccessed, entry | pteAccessed, entry | pteAccessed, false},
+		{"walkers set A and D", entry, entry | pteAccessed, entry | pteDirty, entry | pteAD, false},
+		{"A cleared here, D set there", entry | pteAccessed, entry, entry | pteAD, entry | pteDirty, false},
+		{"cleared entry keeps no walker bits", entry, 0, entry | pteAccessed, 0, false},
+		{"repointed entry keeps no walker bits", entry, other, entry | pteDirty, other, false},
+		{"write-protect keeps the dirty bit set meanwhile", entry, entry &^ (1 << 1), entry | pteDirty, entry&^(1<<1) | pteDirty, false},
+		{"new entry in an empty slot", 0, entry, 0, entry, false},
+		{"two software changes conflict", entry, other, 0, 0, true},
+	} {
+		got, ok := mergeWord(c.base, c.x, c.y)
+		if ok == c.wantConflict || ok && got != c.want {
+			t.Errorf("%s: mergeWord(%#x, %#x, %#x) = %#x, %v; want %#x, conflict %v", c.name, c.base, c.x, c.y, got, ok, c.want, c.wantConflict)
+		}
+		// Both slices merge with the sides swapped: they must agree.
+		got2, ok2 := mergeWord(c.base, c.y, c.x)
+		if ok2 != ok || got2 != got {
+			t.Errorf("%s: not symmetric: %#x,%v vs %#x,%v", c.name, got, ok, got2, ok2)
+		}
+	}
+}
+
+// TestPageTablePagesOfMicroGuest: the walker finds exactly the
+// micro-guest's PML4, PDPT and four page directories (2 MiB leaves).
+func TestPageTablePagesOfMicroGuest(t *testing.T) {
+	mem, err := memory.NewRAM(testMem, layout.MMIOGapStart)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mem.Close()
+	if err := (microguest.Program{Code: []byte{0xF4}}).LoadInto(mem); err != nil {
+		t.Fatal(err)
+	}
+	set, err := pageTablePages(mem, microguest.PML4Addr, 100)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[uint64]bool{1: true, 2: true, 3: true, 4: true, 5: true, 6: true}
+	if len(set) != len(want) {
+		t.Fatalf("table pages %v, want %v", set, want)
+	}
+	for pfn := range want {
+		if !set[pfn] {
+			t.Fatalf("table pages %v lack %#x", set, pfn)
+		}
+	}
+}
+
+// TestReplicatedTablesKeepExactOutcomes: with the page-table pages
+// replicated (each slice writes its own copy: the processor's accessed
+// and dirty bits; updates published ahead of every message), the
+// memory-model micro-guests still produce exactly their outcomes, and
+// the tables really were replicated on both slices.
+func TestReplicatedTablesKeepExactOutcomes(t *testing.T) {
+	on := func(_ int, cfg *SliceConfig) { cfg.ReplicateTables = true }
+	for _, c := range coherenceCases {
+		t.Run(c.name, func(t *testing.T) {
+			iters := c.iters / 10
+			r := runInProcessWith(t, 2, c.ncpu, c.prog, iters, on)
+			for _, ck := range c.checks {
+				ck(t, c.ncpu, iters, r)
+			}
+			for i, s := range r.stats {
+				if s.Replicated == 0 {
+					t.Errorf("slice %d replicated no page: %v", i, r)
+				}
+			}
+			t.Logf("%s: %v", c.prog, r)
+		})
+	}
+}
+
+// replicaPair is two nodes sharing page-table page pfn as replicas.
+func replicaPair(t *testing.T, pfn uint64, failed chan<- error) *nodePair {
+	p := newNodePair(t, func(i int, err error) {
+		select {
+		case failed <- fmt.Errorf("node %d: %w", i, err):
+		default:
+		}
+	})
+	for _, n := range p.nodes {
+		n.SetTables(func(q uint64) bool { return q == pfn })
+	}
+	// Node 0 owns every page at first; node 1's join turns node 0's copy
+	// into a replica too.
+	for i, n := range p.nodes {
+		if err := n.Replicate(pfn); err != nil {
+			t.Fatalf("node %d: %v", i, err)
+		}
+	}
+	for i, n := range p.nodes {
+		idx, _ := n.pageIndex(pfn)
+		n.pages[idx].mu.Lock()
+		st := n.pages[idx].st
+		n.pages[idx].mu.Unlock()
+		if st != replica {
+			t.Fatalf("node %d holds the page %v, want replica", i, st)
+		}
+	}
+	return p
+}
+
+// word returns node i's host copy of the page's word w (mapped: a
+// replica or an exclusive page).
+func (p *nodePair) word(i int, pfn uint64, w int) uint64 {
+	idx, _ := p.nodes[i].pageIndex(pfn)
+	return loadWord(p.nodes[i].hostPage(idx), w)
+}
+
+func (p *nodePair) setWord(i int, pfn uint64, w int, v uint64) {
+	idx, _ := p.nodes[i].pageIndex(pfn)
+	host := p.nodes[i].hostPage(idx)
+	for !casWord(host, w, loadWord(host, w), v) {
+	}
+}
+
+// ping sends a message from node i to the other: every send publishes
+// the sender's replica changes first.
+func (p *nodePair) ping(i int) { p.nodes[i].send(1-i, &Msg{Type: MsgHeartbeat}) }
+
+func waitWord(t *testing.T, p *nodePair, i int, pfn uint64, w int, want uint64) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for p.word(i, pfn, w) != want {
+		if time.Now().After(deadline) {
+			t.Fatalf("node %d word %d is %#x, want %#x", i, w, p.word(i, pfn, w), want)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// TestReplicaUpdatesPublishedAheadOfMessages drives the replica protocol
+// directly: a write on one replica reaches the other with the writer's
+// next message, not before; accessed/dirty bits set on both sides at
+// once merge to the same entry on both.
+func TestReplicaUpdatesPublishedAheadOfMessages(t *testing.T) {
+	const pfn = 0x40
+	const entry = 0x7000 | ptePresent | 1<<1
+	failed := make(chan error, 1)
+	p := replicaPair(t, pfn, failed)
+
+	p.setWord(0, pfn, 3, entry)
+	if got := p.word(1, pfn, 3); got != 0 {
+		t.Fatalf("node 1 saw %#x before node 0 sent anything", got)
+	}
+	p.ping(0)
+	waitWord(t, p, 1, pfn, 3, entry)
+
+	// Both processors mark the entry: accessed on node 0, dirty on node 1,
+	// published crossing each other.
+	p.setWord(0, pfn, 3, entry|pteAccessed)
+	p.setWord(1, pfn, 3, entry|pteDirty)
+	p.ping(0)
+	p.ping(1)
+	waitWord(t, p, 0, pfn, 3, entry|pteAD)
+	waitWord(t, p, 1, pfn, 3, entry|pteAD)
+
+	select {
+	case err := <-failed:
+		t.Fatal(err)
+	default:
+	}
+}
+
+// TestReplicaConflictingWritesStopTheVM: two different software changes
+// of one entry on two slices cannot both be right; the node fails with
+// an error naming the page and the entry rather than pick one.
+func TestReplicaConflictingWritesStopTheVM(t *testing.T) {
+	const pfn = 0x41
+	failed := make(chan error, 2)
+	p := replicaPair(t, pfn, failed)
+	p.setWord(0, pfn, 9, 0x3000|ptePresent)
+	p.setWord(1, pfn, 9, 0x4000|ptePresent)
+	p.ping(0)
+	p.ping(1)
+	select {
+	case err := <-failed:
+		if !strings.Contains(err.Error(), "replicated page table 0x41000, entry 9") {
+			t.Fatalf("error %q does not name the page and entry", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("conflicting writes did not stop the node")
+	}
+}

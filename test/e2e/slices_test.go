@@ -60,16 +60,6 @@ func holdArgs() []string {
 	return nil
 }
 
-// sliceDir makes a node-local directory (the node's /run: the secret must
-// not sit on a 9p share) holding a fresh VM secret in key, removed when the
-// test ends.
-func sliceDir(t *testing.T, ctx context.Context, n *virtnode.Node) string {
-	dir := fmt.Sprintf("/run/e2e-slices-%d", time.Now().UnixNano())
-	n.MustRun(t, ctx, fmt.Sprintf("set -e; mkdir -p %[1]s; head -c 32 /dev/urandom > %[1]s/key; chmod 600 %[1]s/key", dir))
-	t.Cleanup(func() { n.Run(context.Background(), "rm -rf "+dir) })
-	return dir
-}
-
 func runSlices(t *testing.T, n *virtnode.Node, bin string, art guestvm.Artifacts, disk testDisk, placement string) {
 	// HPCVM_E2E_SLICE_TIMEOUT (default 4m) bounds each case: across slices
 	// in a node every page hand-off costs milliseconds (docs/dsm.md).

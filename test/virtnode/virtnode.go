@@ -56,6 +56,11 @@ type Config struct {
 	Assets *Assets
 	// ExtraAppend is appended to every node's kernel command line.
 	ExtraAppend string
+	// Accel is QEMU's -accel value (default: tcg, multi-threaded, or
+	// $HPCVM_VN_ACCEL). "tcg,thread=single" runs a node's vCPUs in turn on
+	// one host thread: slower, but a nested guest spinning without exits
+	// cannot starve the node's other CPU (docs/dsm.md, "The platform").
+	Accel string
 	// Dir is where the cluster keeps its control directories and logs
 	// (default: a new directory under os.TempDir(), removed by Close).
 	Dir string
@@ -390,7 +395,7 @@ func (c *Cluster) startNode(n *Node) error {
 		"-t", strconv.Itoa(c.holder.Process.Pid), "-n", "--",
 		cmp.Or(a.QEMU, "qemu-system-x86_64"),
 		"-name", n.Name,
-		"-accel", accel(), "-machine", "q35", "-cpu", "EPYC,+svm,+npt",
+		"-accel", cmp.Or(c.cfg.Accel, accel()), "-machine", "q35", "-cpu", "EPYC,+svm,+npt",
 		"-smp", strconv.Itoa(c.cfg.CPUs), "-m", strconv.Itoa(c.cfg.MemMiB),
 		"-nographic", "-nodefaults", "-no-reboot",
 		// A node that resets (a triple fault ends QEMU under -no-reboot)

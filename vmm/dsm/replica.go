@@ -342,11 +342,16 @@ func (nd *Node) onReplicaGrant(from, idx int, m *Msg) {
 		if err == nil {
 			err = nd.installLocked(idx, twin, false)
 		}
+	case p.st == exclusive && p.mapped:
+		// This slice was the only holder (a replica request racing its
+		// own ownership): the page simply becomes a replica.
+		twin = snapshot(host)
+		err = nd.u.Wake(uffd.Addr(host), PageSize)
 	case p.st == shared && p.mapped:
 		twin = snapshot(host)
 		err = nd.u.WriteProtect(uffd.Addr(host), PageSize, false, false)
-	case p.st == shared:
-		twin = make([]byte, PageSize)
+	case p.st == shared || p.st == exclusive:
+		twin = make([]byte, PageSize) // a valid page never touched: zeros
 		err = nd.installLocked(idx, nil, false)
 	default:
 		err = fmt.Errorf("%w: slice %d granted a replica of page %#x without data to a slice holding none", ErrProtocol, from, m.Page)

@@ -162,3 +162,33 @@ func FuzzDecodeFrame(f *testing.F) {
 		}
 	})
 }
+
+func TestUpdateRejects(t *testing.T) {
+	for _, m := range []Msg{
+		{Type: MsgUpdate, Page: 1},
+		{Type: MsgUpdate, Page: 1, Words: []WordUpdate{{Index: wordsPerPage}}},
+		{Type: MsgUpdate, Page: 1, Words: make([]WordUpdate, MaxUpdateWords+1)},
+	} {
+		if _, err := AppendFrame(nil, &m); err == nil {
+			t.Errorf("encoded a bad update of %d words", len(m.Words))
+		}
+	}
+	good, _ := AppendFrame(nil, &Msg{Type: MsgUpdate, Page: 1, Words: []WordUpdate{{Index: 3, Old: 1, New: 2}}})
+	for name, mut := range map[string]func([]byte) []byte{
+		"word index 512": func(b []byte) []byte { b[HeaderSize+10] = 2; b[HeaderSize+11] = 0; return b },
+		"count says 2":   func(b []byte) []byte { b[HeaderSize+9] = 2; return b },
+		"count says 0":   func(b []byte) []byte { b[HeaderSize+9] = 0; return b },
+		"a byte missing": func(b []byte) []byte { b = b[:len(b)-1]; b[11]--; return b },
+		"header only, 0 words": func(b []byte) []byte {
+			b = b[:HeaderSize+updateHeadSize]
+			b[11] = updateHeadSize
+			b[HeaderSize+9] = 0
+			return b
+		},
+	} {
+		b := mut(append([]byte(nil), good...))
+		if _, err := DecodeFrame(b); !errors.Is(err, ErrProtocol) {
+			t.Errorf("%s: DecodeFrame: %v, want ErrProtocol", name, err)
+		}
+	}
+}

@@ -44,7 +44,7 @@ type sliceOpts struct {
 	results   []uint64 // guest-physical addresses printed at the end (slice 0)
 	timeout   time.Duration
 	hold      time.Duration  // coherence hold window (dsm.NodeConfig.Hold)
-	replicate bool           // replicated page tables (micro-guests)
+	replicate bool           // replicated page tables (docs/dsm.md)
 	stopSig   syscall.Signal // --stop-signal (0: SIGINT and SIGTERM stop the slice)
 	stopped   func() (os.Signal, bool)
 	verbose   bool
@@ -159,7 +159,7 @@ func newSliceFlags() *sliceFlags {
 	f.timeout = fs.String("timeout", "0", "stop with an error after `DURATION` (e.g. 10m; 0: no limit)")
 	f.hold = fs.String("hold", "0", "keep a page granted for writing at least `DURATION` before giving it up (e.g. 2ms; damps page-table ping-pong; 0: off)")
 	f.stopSignal = fs.String("stop-signal", "", "stop only on `SIGNAL` (e.g. SIGUSR1) and exit 0; SIGINT, SIGTERM and SIGHUP are then caught and ignored (a slice of a Slurm job step, as hpcvm vm run --stop-signal)")
-	f.replicateTables = fs.Bool("replicate-tables", false, "replicate the micro-guest's page-table pages instead of moving them (2 slices; docs/dsm.md, \"Replicated page tables\")")
+	f.replicateTables = fs.Bool("replicate-tables", false, "replicate page-table pages instead of moving them: a micro-guest's tables, or a --kernel guest's static kernel tables (2 slices; docs/dsm.md, \"Replicated page tables\")")
 	f.verbose = fs.Bool("v", false, "log protocol events to stderr")
 	fs.Usage = func() { sliceUsage(fs) }
 	return f
@@ -272,12 +272,7 @@ func parseSliceArgs(args []string) (*sliceOpts, error) {
 		return nil, fmt.Errorf("--hold %s: must be between 0 and 1s", *f.hold)
 	}
 	o.replicate = *f.replicateTables
-	switch {
-	case o.replicate && o.linux != nil:
-		// Linux builds and frees its page tables as it runs: replicating
-		// them needs the reuse detection docs/dsm.md lists as not built.
-		return nil, errors.New("--replicate-tables works with micro-guests only (--builtin, --program), not --kernel")
-	case o.replicate && len(o.placement) > 2:
+	if o.replicate && len(o.placement) > 2 {
 		return nil, fmt.Errorf("--replicate-tables: %d slices; replicated page tables support 2 for now", len(o.placement))
 	}
 	switch {
@@ -485,6 +480,9 @@ func runLinuxSlice(ctx context.Context, o *sliceOpts, ln net.Listener, lg *slog.
 		Transport: dsm.TransportConfig{ID: o.id, Addrs: o.peers, Listener: ln, VMID: o.vmID, Secret: o.secret, Logger: lg},
 		Placement: o.placement,
 		Hold:      o.hold,
+		// Linux builds and frees page tables as it runs: only its static
+		// kernel tables are replicated (docs/dsm.md).
+		ReplicateKernelTables: o.replicate,
 	}
 	start := time.Now()
 	res, err := linuxvm.RunSlice(ctx, cfg)

@@ -33,6 +33,9 @@ func TestMain(m *testing.M) {
 	if shared.cluster != nil {
 		shared.cluster.Close()
 	}
+	if hpcvmCopy.dir != "" {
+		os.RemoveAll(hpcvmCopy.dir)
+	}
 	os.Exit(code)
 }
 
@@ -104,7 +107,14 @@ func mustHPCVM(t *testing.T) string {
 	b := guestvm.HPCVMBin()
 	guestvm.Need(t, b)
 	hpcvmCopy.once.Do(func() {
-		dst := filepath.Join(shared.cluster.Dir(), "hpcvm")
+		// Nodes see the host's root: any host directory will do.
+		dir, err := os.MkdirTemp("", "hpcvm-e2e-bin-")
+		if err != nil {
+			hpcvmCopy.err = err
+			return
+		}
+		hpcvmCopy.dir = dir
+		dst := filepath.Join(dir, "hpcvm")
 		hpcvmCopy.path, hpcvmCopy.err = dst, copyFile(b, dst)
 	})
 	if hpcvmCopy.err != nil {
@@ -114,9 +124,9 @@ func mustHPCVM(t *testing.T) string {
 }
 
 var hpcvmCopy struct {
-	once sync.Once
-	path string
-	err  error
+	once      sync.Once
+	dir, path string
+	err       error
 }
 
 func copyFile(src, dst string) error {

@@ -100,6 +100,9 @@ func runSlices(t *testing.T, n *virtnode.Node, bin string, art guestvm.Artifacts
 			"--kernel", art.Vmlinux, "--initrd", art.TestInitramfs, "--cmdline", cmdline,
 			"--disk", disk.path + ",ro", "--console", fmt.Sprintf("%s/console.%d", dir, id)}
 		argv = append(argv, holdArgs()...)
+		if os.Getenv("HPCVM_E2E_REPLICATE_TABLES") == "1" {
+			argv = append(argv, "--replicate-tables")
+		}
 		p, err := n.RunBackground(guestvm.Quote(argv) + " </dev/null")
 		if err != nil {
 			t.Fatal(err)

@@ -38,6 +38,11 @@ func (h *sliceHooks) BeforeRun(c *kvm.VCPU) error {
 
 func (h *sliceHooks) HandleExit(c *kvm.VCPU, e *kvm.Exit) (bool, error) {
 	s := h.s
+	if s.cfg.ReplicateKernelTables && s.smpSeen.Load() && !s.kernelTables.Load() {
+		if err := s.classifyKernelTables(c); err != nil {
+			return true, err
+		}
+	}
 	switch e.Reason {
 	case kvm.ExitIO:
 		if e.IOWrite && s.cfg.DonePort != 0 && e.Port == s.cfg.DonePort {

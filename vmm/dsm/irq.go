@@ -95,6 +95,9 @@ func (q *irqState) deliver(m irqchip.Message) {
 	q.mu.RLock()
 	targets := irqchip.Targets(m, q.views)
 	q.mu.RUnlock()
+	if m.Mode == irqchip.StartUp {
+		q.s.smpSeen.Store(true)
+	}
 	for _, t := range targets {
 		if q.owner[t] == q.s.id {
 			q.local[t].lapic.Accept(m)
@@ -197,6 +200,7 @@ func (q *irqState) beforeRun(c *kvm.VCPU, v *vcpuIRQ, m *machine.Machine) (stopp
 				return false, err
 			}
 			v.waitSIPI = false
+			q.s.smpSeen.Store(true)
 			break
 		}
 		if m.Idle(v.wake) {

@@ -6,6 +6,7 @@ import (
 	"sync"
 	"sync/atomic"
 
+	"github.com/hpcvm/hpcvm/vmm/kvm"
 	"github.com/hpcvm/hpcvm/vmm/uffd"
 )
 
@@ -411,4 +412,39 @@ func (nd *Node) Replicate(pfn uint64) error {
 		return fmt.Errorf("dsm: page %#x is not classified as a page table", pfn*PageSize)
 	}
 	return nd.acquire(idx, true)
+}
+
+// classifyKernelTables, on a vCPU's thread at an exit once the guest
+// starts its application processors (ReplicateKernelTables), reads the
+// vCPU's CR3 and, if it is the kernel's own (its root lies in the kernel
+// image: init_top_pgt, as on idle and kernel threads), replicates the
+// guest kernel's static page tables. Those stay page tables for the
+// guest's lifetime, so replicating them needs none of the reuse detection
+// a general page table would. Before the guest starts other CPUs its boot
+// tables (early_top_pgt, freed after boot) may still be in use: hence the
+// wait for a startup IPI.
+func (s *sliceRun) classifyKernelTables(c *kvm.VCPU) error {
+	sregs, err := c.GetSregs()
+	if err != nil {
+		return err
+	}
+	const pg, lma = 1 << 31, 1 << 10
+	if sregs.CR0&pg == 0 || sregs.EFER&lma == 0 {
+		return nil
+	}
+	set, err := kernelTablePages(s.node, sregs.CR3)
+	if err != nil || !set[(sregs.CR3&pteFrame)/PageSize] {
+		return nil // not the kernel's address space (yet): try at a later exit
+	}
+	if !s.kernelTables.CompareAndSwap(false, true) {
+		return nil // another vCPU of this slice did it
+	}
+	s.log.Info("dsm: replicating the guest kernel's page tables", "vcpu", c.ID(), "cr3", fmt.Sprintf("%#x", sregs.CR3), "pages", len(set))
+	s.node.SetTables(func(pfn uint64) bool { return set[pfn] })
+	for pfn := range set {
+		if err := s.node.Replicate(pfn); err != nil {
+			return fmt.Errorf("dsm: replicating kernel page table %#x: %w", pfn*PageSize, err)
+		}
+	}
+	return nil
 }

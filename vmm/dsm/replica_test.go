@@ -1,6 +1,7 @@
 package dsm
 
 import (
+	"encoding/binary"
 	"fmt"
 	"strings"
 	"testing"
@@ -204,5 +205,69 @@ func TestReplicaConflictingWritesStopTheVM(t *testing.T) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("conflicting writes did not stop the node")
+	}
+}
+
+// TestKernelTablePages builds the page tables of a Linux-like guest (the
+// kernel image at 16..32 MiB, mapped with 2 MiB pages from PML4 entry 511,
+// PDPT entry 510; its static tables inside the image; tables allocated
+// later outside it) and checks that exactly the tables inside the image
+// are picked, and nothing from an address space whose root is not.
+func TestKernelTablePages(t *testing.T) {
+	mem, err := memory.NewRAM(128<<20, layout.MMIOGapStart)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mem.Close()
+	put := func(table uint64, i int, v uint64) {
+		var b [8]byte
+		binary.LittleEndian.PutUint64(b[:], v)
+		if _, err := mem.WriteAt(b[:], int64(table+uint64(8*i))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	const (
+		tbl     = ptePresent | 1<<1
+		huge    = 1 << 7
+		root    = 0x1A0A000 // init_top_pgt
+		l3      = 0x1A0E000 // level3_kernel_pgt
+		l2      = 0x1A0F000 // level2_kernel_pgt
+		fixPD   = 0x1A10000 // level2_fixmap_pgt
+		fixPT   = 0x1A11000 // level1_fixmap_pgt
+		lateL1  = 0x5000000 // a table allocated at run time
+		dmPDPT  = 0x6000000 // the direct map's PDPT
+		process = 0x7000000 // a process's PGD
+	)
+	put(root, 511, l3|tbl)
+	put(root, 273, dmPDPT|tbl)
+	put(l3, 510, l2|tbl)
+	put(l3, 511, fixPD|tbl)
+	for i := 8; i < 16; i++ { // the image: 16..32 MiB
+		put(l2, i, uint64(i)<<21|tbl|huge)
+	}
+	put(fixPD, 506, fixPT|tbl)
+	put(fixPD, 507, lateL1|tbl)
+	put(dmPDPT, 0, 0|tbl|huge)
+	put(process, 511, l3|tbl)
+
+	set, err := kernelTablePages(mem, root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []uint64{root, l3, l2, fixPD, fixPT}
+	if len(set) != len(want) {
+		t.Fatalf("kernel tables %v, want the pages of %x", set, want)
+	}
+	for _, gpa := range want {
+		if !set[gpa/PageSize] {
+			t.Errorf("kernel tables %v lack %#x", set, gpa)
+		}
+	}
+	set, err = kernelTablePages(mem, process)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if set[process/PageSize] || !set[l3/PageSize] {
+		t.Errorf("from a process's root: %v, want the image's tables without the root", set)
 	}
 }

@@ -46,7 +46,11 @@ type SliceConfig struct {
 	// moving them (replica.go): the tables reachable from the local
 	// vCPUs' initial CR3. Two slices at most, for now.
 	ReplicateTables bool
-	Logger          *slog.Logger
+	// ReplicateKernelTables replicates a Linux guest's static page tables
+	// (kernelTablePages), found from a vCPU's CR3 once the guest starts
+	// its application processors. Two slices at most, for now.
+	ReplicateKernelTables bool
+	Logger                *slog.Logger
 }
 
 // Home is what slice 0's Setup gets to attach the VM's devices.
@@ -117,6 +121,10 @@ type sliceRun struct {
 	mclosed bool
 
 	bootCR3 []uint64 // local vCPUs' initial CR3 with paging on (startLoader)
+	// smpSeen: a startup IPI was sent or received here (the guest's
+	// application processors are coming up); kernelTables: the kernel's
+	// page tables were classified (ReplicateKernelTables).
+	smpSeen, kernelTables atomic.Bool
 
 	mu    sync.Mutex
 	m     *machine.Machine
@@ -206,7 +214,7 @@ func RunSlice(ctx context.Context, cfg SliceConfig) (SliceResult, error) {
 	if s.id < 0 || s.id >= s.n {
 		return SliceResult{}, fmt.Errorf("dsm: slice id %d not in 0..%d", s.id, s.n-1)
 	}
-	if cfg.ReplicateTables && s.n > 2 {
+	if (cfg.ReplicateTables || cfg.ReplicateKernelTables) && s.n > 2 {
 		return SliceResult{}, fmt.Errorf("dsm: replicated page tables need 2 slices at most, have %d (docs/dsm.md)", s.n)
 	}
 	s.ncpu, s.vcpus = ncpu, cfg.Placement[s.id]

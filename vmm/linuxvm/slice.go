@@ -27,6 +27,8 @@ type SliceConfig struct {
 	Placement [][]int
 	// Hold is the coherence hold window (dsm.NodeConfig.Hold).
 	Hold time.Duration
+	// ReplicateKernelTables: dsm.SliceConfig.ReplicateKernelTables.
+	ReplicateKernelTables bool
 }
 
 // RunSlice runs one slice until the guest powers off or resets (on every
@@ -73,7 +75,9 @@ func RunSlice(ctx context.Context, sc SliceConfig) (dsm.SliceResult, error) {
 		Placement: sc.Placement,
 		Hold:      sc.Hold,
 		MemBytes:  cfg.MemBytes,
-		Loader:    newLoader(&cfg, legacy),
+		// The kernel's static page tables (docs/dsm.md).
+		ReplicateKernelTables: sc.ReplicateKernelTables,
+		Loader:                newLoader(&cfg, legacy),
 		Setup: func(h *dsm.Home) error {
 			p := platform{io: &h.Machine.IO, mmio: &h.Machine.MMIO, mem: h.Memory,
 				irq:      func(gsi uint32) (bus.Interrupt, error) { return h.IOAPIC.Line(int(gsi)), nil },

@@ -6,31 +6,35 @@ import (
 	"github.com/hpcvm/hpcvm/vmm/memory"
 )
 
+// TableSet maps the page frame numbers of page tables to their level (4:
+// PML4, 1: the last level, whose entries map pages).
+type TableSet map[uint64]int
+
 // pageTablePages returns the guest pages that are page tables of the
 // 4-level (long mode) address space rooted at cr3: the root and every
 // table a present non-leaf entry points to, at most limit pages. Entries
 // pointing outside RAM are skipped. It reads through mem (coherently).
-func pageTablePages(mem memory.Guest, cr3 uint64, limit int) (map[uint64]bool, error) {
-	set := map[uint64]bool{}
+func pageTablePages(mem memory.Guest, cr3 uint64, limit int) (TableSet, error) {
+	set := TableSet{}
 	return set, walkTables(mem, cr3&pteFrame, 4, limit, set)
 }
 
 // walkTables adds table (a page table of the given level, 4 = PML4) and
 // every table under it to set, up to limit pages.
-func walkTables(mem memory.Guest, table uint64, level, limit int, set map[uint64]bool) error {
+func walkTables(mem memory.Guest, table uint64, level, limit int, set TableSet) error {
 	pfn := table / PageSize
-	if set[pfn] || len(set) >= limit {
+	if set[pfn] != 0 || len(set) >= limit {
 		return nil
 	}
 	if level == 1 {
-		set[pfn] = true // a last-level table: its entries map pages
+		set[pfn] = 1
 		return nil
 	}
 	buf := make([]byte, PageSize)
 	if _, err := mem.ReadAt(buf, int64(table)); err != nil {
 		return nil // not RAM: no table there
 	}
-	set[pfn] = true
+	set[pfn] = level
 	for i := 0; i < wordsPerPage; i++ {
 		e := binary.LittleEndian.Uint64(buf[8*i:])
 		const huge = 1 << 7 // a 1 GiB or 2 MiB page, not a table
@@ -50,16 +54,20 @@ func walkTables(mem memory.Guest, table uint64, level, limit int, set map[uint64
 const (
 	kernelMapPML4 = 511
 	kernelMapPDPT = 510
+	kernelHalf    = 256 // first PML4 entry of the kernel's half
 	hugeFrame     = 0x000F_FFFF_FFE0_0000
 )
 
-// kernelTablePages returns the page tables of a Linux guest that live in
-// its kernel image — the ones it builds into its .data (init_top_pgt,
-// level3_kernel_pgt, level2_kernel_pgt, the fixmap tables) and never
-// frees — among the root at cr3 and the tables under the kernel mapping.
-// The image's extent is read off the kernel mapping itself. It returns
-// nothing if cr3's address space has no such mapping.
-func kernelTablePages(mem memory.Guest, cr3 uint64) (map[uint64]bool, error) {
+// kernelTablePages returns a Linux guest's kernel page tables if cr3 is
+// the kernel's own address space (init_top_pgt: its root lies inside the
+// kernel image, whose extent it reads off the kernel mapping — PML4 entry
+// 511, PDPT entry 510's 2 MiB pages): the root and every table under the
+// kernel half of the address space (the image's own static tables, the
+// direct map's, vmemmap's, vmalloc's and the fixmap's), at most limit
+// pages. Linux shares these with every process and, in practice, never
+// frees them; publish stops the VM if the guest unlinks one anyway. It
+// returns nothing for another address space.
+func kernelTablePages(mem memory.Guest, cr3 uint64, limit int) (TableSet, error) {
 	entry := func(table uint64, i int) (uint64, error) {
 		var b [8]byte
 		if _, err := mem.ReadAt(b[:], int64(table+uint64(8*i))); err != nil {
@@ -77,31 +85,26 @@ func kernelTablePages(mem memory.Guest, cr3 uint64) (map[uint64]bool, error) {
 		return nil, err
 	}
 	pd := e & pteFrame
-	image := map[uint64]bool{} // 2 MiB frames of the image
-	for i := 0; i < wordsPerPage; i++ {
+	inImage := false
+	for i := 0; i < wordsPerPage && !inImage; i++ {
 		if e, err = entry(pd, i); err != nil {
 			return nil, err
 		}
-		if e&ptePresent != 0 && e&huge != 0 {
-			image[e&hugeFrame] = true
+		inImage = e&ptePresent != 0 && e&huge != 0 && e&hugeFrame == root&hugeFrame
+	}
+	if !inImage {
+		return nil, nil // a process's root: not the kernel's own
+	}
+	set := TableSet{root / PageSize: 4}
+	for i := kernelHalf; i < wordsPerPage; i++ {
+		if e, err = entry(root, i); err != nil {
+			return nil, err
+		}
+		if e&ptePresent != 0 {
+			if err := walkTables(mem, e&pteFrame, 3, limit, set); err != nil {
+				return nil, err
+			}
 		}
 	}
-	inImage := func(gpa uint64) bool { return image[gpa&hugeFrame] }
-	out := map[uint64]bool{}
-	if inImage(root) {
-		out[root/PageSize] = true
-	}
-	// The subtree under PML4 entry 511 (kernel text, modules, fixmap).
-	e, _ = entry(root, kernelMapPML4)
-	sub := map[uint64]bool{}
-	walkFrom := e & pteFrame
-	if err := walkTables(mem, walkFrom, 3, 64, sub); err != nil {
-		return nil, err
-	}
-	for pfn := range sub {
-		if inImage(pfn * PageSize) {
-			out[pfn] = true
-		}
-	}
-	return out, nil
+	return set, nil
 }

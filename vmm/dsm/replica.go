@@ -91,15 +91,22 @@ type replicas struct {
 	n     atomic.Int32   // len(twins), read without mu
 }
 
-// TableClassifier tells which guest pages are page tables; nil: none are
+// TableClassifier tells which guest pages are page tables to replicate and
+// at which level (4: PML4 … 1: last level; 0: not a table); nil: none are
 // (replication off).
-type TableClassifier func(pfn uint64) bool
+type TableClassifier func(pfn uint64) int
+
+// tableLevel is page pfn's level as a replicated page table, or 0.
+func (nd *Node) tableLevel(pfn uint64) int {
+	f := nd.tables.Load()
+	if f == nil {
+		return 0
+	}
+	return (*f)(pfn)
+}
 
 // isTable reports whether page pfn is to be replicated.
-func (nd *Node) isTable(pfn uint64) bool {
-	f := nd.tables.Load()
-	return f != nil && (*f)(pfn)
-}
+func (nd *Node) isTable(pfn uint64) bool { return nd.tableLevel(pfn) != 0 }
 
 // SetTables installs the page-table classifier (nil: replicate nothing
 // new). Pages already replicated stay so.
@@ -180,6 +187,10 @@ func (nd *Node) publishLocked() {
 			}
 		}
 		pfn := nd.pfn(idx)
+		if err := nd.checkUnlinks(pfn, words); err != nil {
+			go nd.fail(err)
+			return
+		}
 		for len(words) > 0 {
 			k := min(len(words), MaxUpdateWords)
 			m := Msg{Type: MsgUpdate, Page: pfn, Words: words[:k]}
@@ -244,6 +255,31 @@ func (nd *Node) applyUpdate(from int, m *Msg) {
 		}
 		binary.LittleEndian.PutUint64(twin[8*w:], next)
 	}
+}
+
+// checkUnlinks stops the VM if words (changes of replicated table pfn)
+// clear or repoint an entry that linked another replicated table: the
+// guest is freeing that table, and a page that leaves page-table use while
+// replicated would get no single-writer coherence as data.
+func (nd *Node) checkUnlinks(pfn uint64, words []WordUpdate) error {
+	const huge = 1 << 7
+	level := nd.tableLevel(pfn)
+	if level < 2 {
+		return nil // last-level entries map pages, not tables
+	}
+	for _, w := range words {
+		old := w.Old
+		if old&ptePresent == 0 || level < 4 && old&huge != 0 {
+			continue
+		}
+		child := old & pteFrame
+		if nd.tableLevel(child/PageSize) == 0 || w.New&ptePresent != 0 && w.New&pteFrame == child {
+			continue
+		}
+		return fmt.Errorf("dsm: the guest unlinked replicated page table %#x (entry %d of table %#x: %#x -> %#x); "+
+			"replicated tables must stay tables (docs/dsm.md, \"Replicated page tables\")", child, w.Index, pfn*PageSize, old, w.New)
+	}
+	return nil
 }
 
 func (nd *Node) conflict(from int, pfn uint64, w int, base, here, there uint64) {
@@ -377,18 +413,18 @@ const maxTablePages = 4096
 // classifyTables installs the node's page-table classifier: the pages
 // of the address spaces the local vCPUs start in.
 func (s *sliceRun) classifyTables() error {
-	set := map[uint64]bool{}
+	set := TableSet{}
 	for _, cr3 := range s.bootCR3 {
 		t, err := pageTablePages(s.node, cr3, maxTablePages)
 		if err != nil {
 			return fmt.Errorf("dsm: reading the guest's page tables at %#x: %w", cr3, err)
 		}
-		for pfn := range t {
-			set[pfn] = true
+		for pfn, l := range t {
+			set[pfn] = l
 		}
 	}
 	s.log.Debug("dsm: replicating page tables", "pages", len(set))
-	s.node.SetTables(func(pfn uint64) bool { return set[pfn] })
+	s.node.SetTables(func(pfn uint64) int { return set[pfn] })
 	// Take the replicas now rather than at the first walk: a read-only
 	// copy would only be upgraded on the walker's first write fault.
 	for pfn := range set {
@@ -432,15 +468,15 @@ func (s *sliceRun) classifyKernelTables(c *kvm.VCPU) error {
 	if sregs.CR0&pg == 0 || sregs.EFER&lma == 0 {
 		return nil
 	}
-	set, err := kernelTablePages(s.node, sregs.CR3)
-	if err != nil || !set[(sregs.CR3&pteFrame)/PageSize] {
+	set, err := kernelTablePages(s.node, sregs.CR3, maxTablePages)
+	if err != nil || set[(sregs.CR3&pteFrame)/PageSize] == 0 {
 		return nil // not the kernel's address space (yet): try at a later exit
 	}
 	if !s.kernelTables.CompareAndSwap(false, true) {
 		return nil // another vCPU of this slice did it
 	}
 	s.log.Info("dsm: replicating the guest kernel's page tables", "vcpu", c.ID(), "cr3", fmt.Sprintf("%#x", sregs.CR3), "pages", len(set))
-	s.node.SetTables(func(pfn uint64) bool { return set[pfn] })
+	s.node.SetTables(func(pfn uint64) int { return set[pfn] })
 	for pfn := range set {
 		if err := s.node.Replicate(pfn); err != nil {
 			return fmt.Errorf("dsm: replicating kernel page table %#x: %w", pfn*PageSize, err)

@@ -60,13 +60,13 @@ func TestPageTablePagesOfMicroGuest(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := map[uint64]bool{1: true, 2: true, 3: true, 4: true, 5: true, 6: true}
+	want := TableSet{1: 4, 2: 3, 3: 2, 4: 2, 5: 2, 6: 2}
 	if len(set) != len(want) {
 		t.Fatalf("table pages %v, want %v", set, want)
 	}
-	for pfn := range want {
-		if !set[pfn] {
-			t.Fatalf("table pages %v lack %#x", set, pfn)
+	for pfn, l := range want {
+		if set[pfn] != l {
+			t.Fatalf("table pages %v: %#x should be level %d", set, pfn, l)
 		}
 	}
 }
@@ -95,8 +95,9 @@ func TestReplicatedTablesKeepExactOutcomes(t *testing.T) {
 	}
 }
 
-// replicaPair is two nodes sharing page-table page pfn as replicas.
-func replicaPair(t *testing.T, pfn uint64, failed chan<- error) *nodePair {
+// replicaPair is two nodes sharing the page tables of tables (pfn ->
+// level) as replicas.
+func replicaPair(t *testing.T, tables TableSet, failed chan<- error) *nodePair {
 	p := newNodePair(t, func(i int, err error) {
 		select {
 		case failed <- fmt.Errorf("node %d: %w", i, err):
@@ -104,22 +105,24 @@ func replicaPair(t *testing.T, pfn uint64, failed chan<- error) *nodePair {
 		}
 	})
 	for _, n := range p.nodes {
-		n.SetTables(func(q uint64) bool { return q == pfn })
+		n.SetTables(func(q uint64) int { return tables[q] })
 	}
 	// Node 0 owns every page at first; node 1's join turns node 0's copy
 	// into a replica too.
-	for i, n := range p.nodes {
-		if err := n.Replicate(pfn); err != nil {
-			t.Fatalf("node %d: %v", i, err)
+	for pfn := range tables {
+		for i, n := range p.nodes {
+			if err := n.Replicate(pfn); err != nil {
+				t.Fatalf("node %d: %v", i, err)
+			}
 		}
-	}
-	for i, n := range p.nodes {
-		idx, _ := n.pageIndex(pfn)
-		n.pages[idx].mu.Lock()
-		st := n.pages[idx].st
-		n.pages[idx].mu.Unlock()
-		if st != replica {
-			t.Fatalf("node %d holds the page %v, want replica", i, st)
+		for i, n := range p.nodes {
+			idx, _ := n.pageIndex(pfn)
+			n.pages[idx].mu.Lock()
+			st := n.pages[idx].st
+			n.pages[idx].mu.Unlock()
+			if st != replica {
+				t.Fatalf("node %d holds page %#x %v, want replica", i, pfn, st)
+			}
 		}
 	}
 	return p
@@ -162,7 +165,7 @@ func TestReplicaUpdatesPublishedAheadOfMessages(t *testing.T) {
 	const pfn = 0x40
 	const entry = 0x7000 | ptePresent | 1<<1
 	failed := make(chan error, 1)
-	p := replicaPair(t, pfn, failed)
+	p := replicaPair(t, TableSet{pfn: 1}, failed)
 
 	p.setWord(0, pfn, 3, entry)
 	if got := p.word(1, pfn, 3); got != 0 {
@@ -193,7 +196,7 @@ func TestReplicaUpdatesPublishedAheadOfMessages(t *testing.T) {
 func TestReplicaConflictingWritesStopTheVM(t *testing.T) {
 	const pfn = 0x41
 	failed := make(chan error, 2)
-	p := replicaPair(t, pfn, failed)
+	p := replicaPair(t, TableSet{pfn: 1}, failed)
 	p.setWord(0, pfn, 9, 0x3000|ptePresent)
 	p.setWord(1, pfn, 9, 0x4000|ptePresent)
 	p.ping(0)
@@ -210,9 +213,10 @@ func TestReplicaConflictingWritesStopTheVM(t *testing.T) {
 
 // TestKernelTablePages builds the page tables of a Linux-like guest (the
 // kernel image at 16..32 MiB, mapped with 2 MiB pages from PML4 entry 511,
-// PDPT entry 510; its static tables inside the image; tables allocated
-// later outside it) and checks that exactly the tables inside the image
-// are picked, and nothing from an address space whose root is not.
+// PDPT entry 510, with its static tables inside; a direct map and a table
+// allocated later outside it) and checks that every table of the kernel
+// half is picked with its level, and nothing from an address space whose
+// root is not in the image (a process's).
 func TestKernelTablePages(t *testing.T) {
 	mem, err := memory.NewRAM(128<<20, layout.MMIOGapStart)
 	if err != nil {
@@ -250,24 +254,51 @@ func TestKernelTablePages(t *testing.T) {
 	put(dmPDPT, 0, 0|tbl|huge)
 	put(process, 511, l3|tbl)
 
-	set, err := kernelTablePages(mem, root)
+	set, err := kernelTablePages(mem, root, 100)
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := []uint64{root, l3, l2, fixPD, fixPT}
+	want := TableSet{root / PageSize: 4, l3 / PageSize: 3, dmPDPT / PageSize: 3, l2 / PageSize: 2,
+		fixPD / PageSize: 2, fixPT / PageSize: 1, lateL1 / PageSize: 1}
 	if len(set) != len(want) {
-		t.Fatalf("kernel tables %v, want the pages of %x", set, want)
+		t.Fatalf("kernel tables %v, want %v", set, want)
 	}
-	for _, gpa := range want {
-		if !set[gpa/PageSize] {
-			t.Errorf("kernel tables %v lack %#x", set, gpa)
+	for pfn, l := range want {
+		if set[pfn] != l {
+			t.Errorf("kernel tables %v: %#x should be level %d", set, pfn*PageSize, l)
 		}
 	}
-	set, err = kernelTablePages(mem, process)
-	if err != nil {
-		t.Fatal(err)
+	if set, err = kernelTablePages(mem, process, 100); err != nil || len(set) != 0 {
+		t.Errorf("from a process's root: %v, %v; want nothing (not the kernel's address space)", set, err)
 	}
-	if set[process/PageSize] || !set[l3/PageSize] {
-		t.Errorf("from a process's root: %v, want the image's tables without the root", set)
+}
+
+// TestReplicaUnlinkStopsTheVM: a replicated table whose parent entry a
+// publish shows cleared is being freed by the guest; the node fails,
+// naming it, rather than let the page become data while replicated.
+func TestReplicaUnlinkStopsTheVM(t *testing.T) {
+	const parent, child = 0x42, 0x43
+	failed := make(chan error, 2)
+	p := replicaPair(t, TableSet{parent: 2, child: 1}, failed)
+	p.setWord(0, parent, 7, child*PageSize|ptePresent|1<<1)
+	p.ping(0)
+	waitWord(t, p, 1, parent, 7, child*PageSize|ptePresent|1<<1)
+	p.setWord(0, parent, 7, child*PageSize|ptePresent|1<<1|pteAccessed) // a walker's bit: fine
+	p.ping(0)
+	waitWord(t, p, 1, parent, 7, child*PageSize|ptePresent|1<<1|pteAccessed)
+	select {
+	case err := <-failed:
+		t.Fatalf("an accessed bit stopped the VM: %v", err)
+	default:
+	}
+	p.setWord(0, parent, 7, 0)
+	p.ping(0)
+	select {
+	case err := <-failed:
+		if !strings.Contains(err.Error(), "unlinked replicated page table 0x43000") {
+			t.Fatalf("error %q does not name the table", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("unlinking a replicated table did not stop the node")
 	}
 }

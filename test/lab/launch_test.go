@@ -271,28 +271,8 @@ func TestLaunchScancelDuringBoot(t *testing.T) {
 		t.Fatal(err)
 	}
 	// The VMM is up (console written) but the guest never answers.
-	for {
-		if b, _ := os.ReadFile(con); strings.Contains(string(b), "fakevmm: cpus=") {
-			break
-		}
-		select {
-		case <-ctx.Done():
-			t.Fatalf("the VMM did not start: %v", ctx.Err())
-		case <-time.After(100 * time.Millisecond):
-		}
-	}
-	if r, err := l.Client(ctx, "scancel "+id); err != nil || r.ExitCode != 0 {
-		t.Fatalf("scancel: %v %s", err, r)
-	}
-	j, err := WaitJob(ctx, l, id)
-	if err != nil {
-		t.Fatal(err)
-	}
-	wantAcct(t, ctx, l, id, "CANCELLED", "")
-	if j.State != "CANCELLED" {
-		t.Errorf("job %s: %s, want CANCELLED", id, j.State)
-	}
-	l.waitNoVMProcs(t, ctx, id)
+	waitFileContains(t, ctx, con, "fakevmm: cpus=", "the VMM did not start")
+	l.scancelWait(t, ctx, id)
 	if b, _ := os.ReadFile(out); strings.Contains(string(b), "never") {
 		t.Errorf("the job ran after scancel: %s", b)
 	}
@@ -311,28 +291,8 @@ wait
 	if err != nil {
 		t.Fatal(err)
 	}
-	for {
-		if b, _ := os.ReadFile(out); strings.Contains(string(b), "started") {
-			break
-		}
-		select {
-		case <-ctx.Done():
-			t.Fatalf("the script did not start: %v", ctx.Err())
-		case <-time.After(100 * time.Millisecond):
-		}
-	}
-	if r, err := l.Client(ctx, "scancel "+id); err != nil || r.ExitCode != 0 {
-		t.Fatalf("scancel: %v %s", err, r)
-	}
-	j, err := WaitJob(ctx, l, id)
-	if err != nil {
-		t.Fatal(err)
-	}
-	wantAcct(t, ctx, l, id, "CANCELLED", "")
-	if j.State != "CANCELLED" {
-		t.Errorf("job %s: %s, want CANCELLED", id, j.State)
-	}
-	l.waitNoVMProcs(t, ctx, id)
+	waitFileContains(t, ctx, out, "started", "the script did not start")
+	l.scancelWait(t, ctx, id)
 	if b := readFile(t, out); !strings.Contains(b, "got-SIGTERM") {
 		t.Errorf("SIGTERM did not reach the guest command; output:\n%s", b)
 	}
@@ -393,4 +353,38 @@ func wantAcct(t *testing.T, ctx context.Context, c Clienter, id, state, ec strin
 	if a.State != state || ec != "" && a.ExitCode != ec {
 		t.Errorf("sacct: job %s %s ExitCode=%s, want %s %s", id, a.State, a.ExitCode, state, ec)
 	}
+}
+
+// waitFileContains waits until the file at path contains text; it fails
+// the test with why when ctx ends first.
+func waitFileContains(t *testing.T, ctx context.Context, path, text, why string) {
+	t.Helper()
+	for {
+		if b, _ := os.ReadFile(path); strings.Contains(string(b), text) {
+			return
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("%s: %v", why, ctx.Err())
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+// scancelWait cancels job id and checks that it ends CANCELLED (in
+// Slurm and in accounting) and leaves no VMM process behind.
+func (l *launchLab) scancelWait(t *testing.T, ctx context.Context, id string) {
+	t.Helper()
+	if r, err := l.Client(ctx, "scancel "+id); err != nil || r.ExitCode != 0 {
+		t.Fatalf("scancel: %v %s", err, r)
+	}
+	j, err := WaitJob(ctx, l, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wantAcct(t, ctx, l, id, "CANCELLED", "")
+	if j.State != "CANCELLED" {
+		t.Errorf("job %s: %s, want CANCELLED", id, j.State)
+	}
+	l.waitNoVMProcs(t, ctx, id)
 }

@@ -68,23 +68,29 @@ func holder() (*exec.Cmd, error) {
 	return h, nil
 }
 
+// sizeDefaults fills a lab's unset sizes (2 nodes of 2 CPUs and memMiB
+// MiB each) and logger (none).
+func sizeDefaults(nodes, cpus, mem *int, memMiB int, logf *func(string, ...any)) {
+	if *nodes <= 0 {
+		*nodes = 2
+	}
+	if *cpus <= 0 {
+		*cpus = 2
+	}
+	if *mem <= 0 {
+		*mem = memMiB
+	}
+	if *logf == nil {
+		*logf = func(string, ...any) {}
+	}
+}
+
 // StartHost brings up a HostCluster and waits until every node is idle.
 func StartHost(ctx context.Context, o HostOptions) (_ *HostCluster, err error) {
 	if err := Prerequisites(); err != nil {
 		return nil, err
 	}
-	if o.Nodes <= 0 {
-		o.Nodes = 2
-	}
-	if o.CPUs <= 0 {
-		o.CPUs = 2
-	}
-	if o.MemMiB <= 0 {
-		o.MemMiB = 1000
-	}
-	if o.Logf == nil {
-		o.Logf = func(string, ...any) {}
-	}
+	sizeDefaults(&o.Nodes, &o.CPUs, &o.MemMiB, 1000, &o.Logf)
 	if o.Dir == "" {
 		return nil, errors.New("lab: HostOptions.Dir is required")
 	}

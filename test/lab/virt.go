@@ -58,18 +58,7 @@ func StartVirt(ctx context.Context, o VirtOptions) (_ *VirtCluster, err error) {
 	if err := VirtPrerequisites(); err != nil {
 		return nil, err
 	}
-	if o.Nodes <= 0 {
-		o.Nodes = 2
-	}
-	if o.CPUs <= 0 {
-		o.CPUs = 2
-	}
-	if o.MemMiB <= 0 {
-		o.MemMiB = 2560
-	}
-	if o.Logf == nil {
-		o.Logf = func(string, ...any) {}
-	}
+	sizeDefaults(&o.Nodes, &o.CPUs, &o.MemMiB, 2560, &o.Logf)
 	if o.Dir == "" || !filepath.IsAbs(o.Dir) {
 		return nil, errors.New("lab: VirtOptions.Dir must be an absolute path")
 	}

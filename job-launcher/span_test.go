@@ -50,13 +50,19 @@ func TestSliceArgs(t *testing.T) {
 	common := []string{"--peers", "10.0.0.1:17001,10.0.0.2:17001", "--vm-id", "slurm-7.batch",
 		"--secret-file", "/x/run/vm.key", "--placement", "0,1/2,3", "--mem", "1024MiB", "--kernel", "/k",
 		"--cmdline", "root=/dev/vda", "--stop-signal=SIGUSR1", "--initrd", "/i",
-		"--disk", "/store/img/disk.raw,overlay=/x/run/disk.overlay"}
+		"--disk", "/store/img/disk.raw,overlay=/x/run/disk.overlay", "--replicate-tables"}
 	for i, extra := range [][]string{{"--vsock", "/x/run/vsock.sock", "--console", "/x/run/console.log"}, nil} {
 		got := p.SliceArgs(i)
 		want := append(append([]string{"--id", fmt.Sprint(i), common[0], common[1], "--listen", ":17001"}, common[2:]...), extra...)
 		if !slices.Equal(got, want) {
 			t.Errorf("slice %d args\n%q\nwant\n%q", i, got, want)
 		}
+	}
+	// Replicated page tables are for two slices only (docs/dsm.md).
+	p.Slices.Placement = [][]int{{0, 1}, {2}, {3}}
+	p.Slices.Addrs = append(p.Slices.Addrs, "10.0.0.3:17001")
+	if got := p.SliceArgs(2); slices.Contains(got, "--replicate-tables") {
+		t.Errorf("3 slices: %q has --replicate-tables", got)
 	}
 }
 

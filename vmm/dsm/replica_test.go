@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -300,5 +301,80 @@ func TestReplicaUnlinkStopsTheVM(t *testing.T) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("unlinking a replicated table did not stop the node")
+	}
+}
+
+// TestReplicaConvergesUnderConcurrentWrites: both slices' "processors"
+// keep setting accessed/dirty bits on every entry of a replicated table
+// while each slice's "kernel" rewrites its own half of the entries and
+// sends messages; once both have published, the two replicas are equal
+// and every entry holds the last frame its kernel wrote.
+func TestReplicaConvergesUnderConcurrentWrites(t *testing.T) {
+	const pfn = 0x44
+	failed := make(chan error, 2)
+	p := replicaPair(t, TableSet{pfn: 1}, failed)
+	var last [2][wordsPerPage]uint64 // per node: the entries it wrote last (its half)
+	stop := make(chan struct{})
+	var walkers sync.WaitGroup
+	for i := 0; i < 2; i++ {
+		walkers.Add(1)
+		go func(i int) { // a processor: only ever sets A or D on present entries
+			defer walkers.Done()
+			idx, _ := p.nodes[i].pageIndex(pfn)
+			host := p.nodes[i].hostPage(idx)
+			for w := 0; ; w = (w + 7) % wordsPerPage {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				v := loadWord(host, w)
+				if v&ptePresent != 0 {
+					casWord(host, w, v, v|[]uint64{pteAccessed, pteDirty}[w%2])
+				}
+			}
+		}(i)
+	}
+	for round := 1; round <= 200; round++ {
+		for i := 0; i < 2; i++ {
+			w := i*wordsPerPage/2 + round%(wordsPerPage/2)
+			v := uint64(round*2+i)<<12 | ptePresent | 1<<1
+			p.setWord(i, pfn, w, v) // this node's kernel owns word w
+			last[i][w] = v
+			p.ping(i)
+		}
+	}
+	close(stop)
+	walkers.Wait()
+	p.ping(0)
+	p.ping(1)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		same := true
+		for w := 0; w < wordsPerPage; w++ {
+			if p.word(0, pfn, w) != p.word(1, pfn, w) {
+				same = false
+				break
+			}
+		}
+		if same {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the replicas did not converge")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	for i := 0; i < 2; i++ {
+		for w, v := range last[i] {
+			if v != 0 && p.word(0, pfn, w)&^pteAD != v {
+				t.Errorf("entry %d is %#x, want %#x (plus accessed/dirty bits)", w, p.word(0, pfn, w), v)
+			}
+		}
+	}
+	select {
+	case err := <-failed:
+		t.Fatal(err)
+	default:
 	}
 }

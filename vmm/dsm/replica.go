@@ -83,9 +83,10 @@ func withWalkerBits(sw, base, set uint64) uint64 {
 
 // replicas is a slice's set of replicated pages and their twins.
 type replicas struct {
-	// mu serialises publishing (diff and send) and applying updates:
-	// frames of one publish are on the wire before any message a later
-	// publisher precedes.
+	// sendMu is held by a publish from its diff to its last frame sent:
+	// a later publisher, and so the message it precedes, goes after.
+	sendMu sync.Mutex
+	// mu guards the twins (diffing, applying updates, joining, leaving).
 	mu    sync.Mutex
 	twins map[int][]byte // page index -> content as last published
 	n     atomic.Int32   // len(twins), read without mu
@@ -156,25 +157,33 @@ func (nd *Node) publish() {
 	if nd.rep.n.Load() == 0 {
 		return
 	}
+	nd.rep.sendMu.Lock()
+	defer nd.rep.sendMu.Unlock()
 	nd.rep.mu.Lock()
-	defer nd.rep.mu.Unlock()
-	nd.publishLocked()
+	frames, err := nd.diffLocked()
+	nd.rep.mu.Unlock()
+	nd.sendUpdates(frames, err)
 }
 
-// publishAndDrop publishes, then stops treating page idx as a replica, in
-// one critical section: once its twin is gone no update is applied to it
-// (the caller has write-protected it, and a goroutine must never fault
-// on guest RAM). p.mu is held.
+// publishAndDrop publishes, then stops treating page idx as a replica:
+// once its twin is gone no update is applied to it (the caller has
+// write-protected it, and a goroutine must never fault on guest RAM).
+// p.mu is held.
 func (nd *Node) publishAndDrop(idx int) {
+	nd.rep.sendMu.Lock()
+	defer nd.rep.sendMu.Unlock()
 	nd.rep.mu.Lock()
-	defer nd.rep.mu.Unlock()
-	nd.publishLocked()
+	frames, err := nd.diffLocked()
 	delete(nd.rep.twins, idx)
 	nd.rep.n.Store(int32(len(nd.rep.twins)))
+	nd.rep.mu.Unlock()
+	nd.sendUpdates(frames, err)
 }
 
-// publishLocked is publish with rep.mu held.
-func (nd *Node) publishLocked() {
+// diffLocked returns the update frames of every word the replicas changed
+// since their twins, and makes the twins current. rep.mu is held.
+func (nd *Node) diffLocked() ([]Msg, error) {
+	var frames []Msg
 	for idx, twin := range nd.rep.twins {
 		host := nd.hostPage(idx)
 		var words []WordUpdate
@@ -188,21 +197,34 @@ func (nd *Node) publishLocked() {
 		}
 		pfn := nd.pfn(idx)
 		if err := nd.checkUnlinks(pfn, words); err != nil {
-			go nd.fail(err)
-			return
+			return nil, err
 		}
 		for len(words) > 0 {
 			k := min(len(words), MaxUpdateWords)
-			m := Msg{Type: MsgUpdate, Page: pfn, Words: words[:k]}
+			frames = append(frames, Msg{Type: MsgUpdate, Page: pfn, Words: words[:k]})
 			words = words[k:]
-			nd.Stats.UpdatesSent.Add(1)
-			for j := 0; j < nd.n; j++ {
-				if j == nd.id {
-					continue
-				}
-				if err := nd.tr.Send(j, &m); err != nil && nd.ctx.Err() == nil {
-					go nd.fail(fmt.Errorf("slice %d: %w", j, err)) // not under rep.mu: fail may call back
-				}
+		}
+	}
+	return frames, nil
+}
+
+// sendUpdates sends the frames of one publish to every other slice (with
+// rep.sendMu held, not rep.mu: applying updates never waits for the
+// network).
+func (nd *Node) sendUpdates(frames []Msg, err error) {
+	if err != nil {
+		go nd.fail(err)
+		return
+	}
+	for i := range frames {
+		nd.Stats.UpdatesSent.Add(1)
+		for j := 0; j < nd.n; j++ {
+			if j == nd.id {
+				continue
+			}
+			if err := nd.tr.Send(j, &frames[i]); err != nil && nd.ctx.Err() == nil {
+				go nd.fail(fmt.Errorf("slice %d: %w", j, err))
+				return
 			}
 		}
 	}

@@ -103,6 +103,11 @@ func runSlices(t *testing.T, n *virtnode.Node, bin string, art guestvm.Artifacts
 		if os.Getenv("HPCVM_E2E_REPLICATE_TABLES") == "1" {
 			argv = append(argv, "--replicate-tables")
 		}
+		if cpus := os.Getenv("HPCVM_E2E_SLICE_TASKSET"); cpus != "" {
+			// e.g. 0: every slice on one node CPU, so the node's kernel,
+			// not TCG's round robin, switches between them (docs/dsm.md).
+			argv = append([]string{"taskset", "-c", cpus}, argv...)
+		}
 		p, err := n.RunBackground(guestvm.Quote(argv) + " </dev/null")
 		if err != nil {
 			t.Fatal(err)

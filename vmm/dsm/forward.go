@@ -38,7 +38,7 @@ func (h *sliceHooks) BeforeRun(c *kvm.VCPU) error {
 
 func (h *sliceHooks) HandleExit(c *kvm.VCPU, e *kvm.Exit) (bool, error) {
 	s := h.s
-	if s.cfg.ReplicateKernelTables && s.smpSeen.Load() && !s.kernelTables.Load() {
+	if s.cfg.ReplicateKernelTables && s.smpSeen.Load() && monotonicNow() >= s.ktNext.Load() {
 		if err := s.classifyKernelTables(c); err != nil {
 			return true, err
 		}

@@ -3,8 +3,10 @@ package dsm
 import (
 	"encoding/binary"
 	"fmt"
+	"maps"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/hpcvm/hpcvm/vmm/kvm"
 	"github.com/hpcvm/hpcvm/vmm/uffd"
@@ -472,16 +474,23 @@ func (nd *Node) Replicate(pfn uint64) error {
 	return nd.acquire(idx, true)
 }
 
+// kernelTablesEvery is how often a slice looks again for kernel page
+// tables created since (new vmalloc and direct-map tables).
+const kernelTablesEvery = 2 * time.Second
+
 // classifyKernelTables, on a vCPU's thread at an exit once the guest
-// starts its application processors (ReplicateKernelTables), reads the
-// vCPU's CR3 and, if it is the kernel's own (its root lies in the kernel
-// image: init_top_pgt, as on idle and kernel threads), replicates the
-// guest kernel's static page tables. Those stay page tables for the
-// guest's lifetime, so replicating them needs none of the reuse detection
-// a general page table would. Before the guest starts other CPUs its boot
-// tables (early_top_pgt, freed after boot) may still be in use: hence the
-// wait for a startup IPI.
+// starts its application processors (ReplicateKernelTables), and again
+// every kernelTablesEvery, reads the vCPU's CR3 and, if it is the
+// kernel's own (its root lies in the kernel image: init_top_pgt, as on
+// idle and kernel threads), replicates every table of the kernel half
+// not replicated yet. Before the guest starts other CPUs its boot tables
+// (early_top_pgt, freed after boot) may still be in use: hence the wait
+// for a startup IPI.
 func (s *sliceRun) classifyKernelTables(c *kvm.VCPU) error {
+	if !s.ktMu.TryLock() {
+		return nil // another vCPU of this slice is at it
+	}
+	defer s.ktMu.Unlock()
 	sregs, err := c.GetSregs()
 	if err != nil {
 		return err
@@ -494,12 +503,29 @@ func (s *sliceRun) classifyKernelTables(c *kvm.VCPU) error {
 	if err != nil || set[(sregs.CR3&pteFrame)/PageSize] == 0 {
 		return nil // not the kernel's address space (yet): try at a later exit
 	}
-	if !s.kernelTables.CompareAndSwap(false, true) {
-		return nil // another vCPU of this slice did it
+	s.ktNext.Store(monotonicNow() + int64(kernelTablesEvery))
+	all := maps.Clone(s.ktSet)
+	if all == nil {
+		all = TableSet{}
 	}
-	s.log.Info("dsm: replicating the guest kernel's page tables", "vcpu", c.ID(), "cr3", fmt.Sprintf("%#x", sregs.CR3), "pages", len(set))
-	s.node.SetTables(func(pfn uint64) int { return set[pfn] })
-	for pfn := range set {
+	var added []uint64
+	for pfn, l := range set {
+		if all[pfn] == 0 {
+			all[pfn] = l
+			added = append(added, pfn)
+		}
+	}
+	if len(added) == 0 {
+		return nil
+	}
+	if s.ktSet == nil {
+		s.log.Info("dsm: replicating the guest kernel's page tables", "vcpu", c.ID(), "cr3", fmt.Sprintf("%#x", sregs.CR3), "pages", len(all))
+	} else {
+		s.log.Debug("dsm: more kernel page tables to replicate", "pages", len(added), "total", len(all))
+	}
+	s.ktSet = all // the classifier keeps the map it was given: never written again
+	s.node.SetTables(func(pfn uint64) int { return all[pfn] })
+	for _, pfn := range added {
 		if err := s.node.Replicate(pfn); err != nil {
 			return fmt.Errorf("dsm: replicating kernel page table %#x: %w", pfn*PageSize, err)
 		}

@@ -122,9 +122,13 @@ type sliceRun struct {
 
 	bootCR3 []uint64 // local vCPUs' initial CR3 with paging on (startLoader)
 	// smpSeen: a startup IPI was sent or received here (the guest's
-	// application processors are coming up); kernelTables: the kernel's
-	// page tables were classified (ReplicateKernelTables).
-	smpSeen, kernelTables atomic.Bool
+	// application processors are coming up).
+	smpSeen atomic.Bool
+	// The guest kernel's page tables replicated so far, and when to look
+	// for new ones (monotonic ns) (ReplicateKernelTables).
+	ktMu   sync.Mutex
+	ktSet  TableSet
+	ktNext atomic.Int64
 
 	mu    sync.Mutex
 	m     *machine.Machine

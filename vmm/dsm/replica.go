@@ -31,10 +31,11 @@ import (
 //
 // Limits of this first version: two slices (ordering relies on the one
 // connection between them; with more, a publish must be acknowledged
-// before the message it precedes), and a replicated page stays replicated
-// until some slice write-faults on it as a non-table page (a guest that
-// frees a page table and reuses the page for data on a slice holding a
-// replica is not detected).
+// before the message it precedes), and only tables that stay tables are
+// replicated (the micro-guests' and a Linux kernel's own): a page freed
+// as a table and reused as data while replicated would have no
+// single-writer coherence, so a publish that unlinks a replicated table
+// stops the VM (checkUnlinks).
 
 // Page-table entry bits the merge needs.
 const (

@@ -282,10 +282,14 @@ func TestLaunchScancelDuringScript(t *testing.T) {
 	l := startLaunchLab(t)
 	ctx := testCtx(t, 3*time.Minute)
 	out := filepath.Join(l.work, "cancel-run.out")
+	// A loop of short sleeps, not one long one: in this lab the "guest"
+	// runs on the node, so slurmstepd signals the script's children
+	// itself, and a lone `sleep` killed first would let the script end
+	// before its own SIGTERM arrived (seen once under load). Only the
+	// trap can end this script.
 	script := l.script(t, "trap.sh", `trap 'echo got-SIGTERM; exit 9' TERM
 echo started
-sleep 3000 &
-wait
+while :; do sleep 1 & wait; done
 `)
 	id, _, err := Submit(ctx, l, fmt.Sprintf("sbatch -N 2 --vm-image=fake -o %s %s", out, script))
 	if err != nil {

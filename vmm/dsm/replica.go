@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"maps"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -449,10 +450,16 @@ func (s *sliceRun) classifyTables() error {
 		}
 	}
 	s.log.Debug("dsm: replicating page tables", "pages", len(set))
+	return s.useTables(set, slices.Collect(maps.Keys(set)))
+}
+
+// useTables makes set the node's page-table classifier (set is never
+// written again) and takes replicas of the pages in take now rather than
+// at their first walk: a read-only copy would only be upgraded on the
+// walker's first write fault.
+func (s *sliceRun) useTables(set TableSet, take []uint64) error {
 	s.node.SetTables(func(pfn uint64) int { return set[pfn] })
-	// Take the replicas now rather than at the first walk: a read-only
-	// copy would only be upgraded on the walker's first write fault.
-	for pfn := range set {
+	for _, pfn := range take {
 		if err := s.node.Replicate(pfn); err != nil {
 			return fmt.Errorf("dsm: replicating page table %#x: %w", pfn*PageSize, err)
 		}
@@ -524,12 +531,6 @@ func (s *sliceRun) classifyKernelTables(c *kvm.VCPU) error {
 	} else {
 		s.log.Debug("dsm: more kernel page tables to replicate", "pages", len(added), "total", len(all))
 	}
-	s.ktSet = all // the classifier keeps the map it was given: never written again
-	s.node.SetTables(func(pfn uint64) int { return all[pfn] })
-	for _, pfn := range added {
-		if err := s.node.Replicate(pfn); err != nil {
-			return fmt.Errorf("dsm: replicating kernel page table %#x: %w", pfn*PageSize, err)
-		}
-	}
-	return nil
+	s.ktSet = all
+	return s.useTables(all, added)
 }

@@ -310,15 +310,7 @@ func TestLaunchTimeLimit(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	j, err := WaitJob(ctx, l, id)
-	if err != nil {
-		t.Fatal(err)
-	}
-	wantAcct(t, ctx, l, id, "TIMEOUT", "")
-	if j.State != "TIMEOUT" {
-		t.Errorf("job %s: %s, want TIMEOUT", id, j.State)
-	}
-	l.waitNoVMProcs(t, ctx, id)
+	l.waitEnded(t, ctx, id, "TIMEOUT")
 	if b := readFile(t, out); !strings.Contains(b, "running") {
 		t.Errorf("the job never ran:\n%s", b)
 	}
@@ -375,20 +367,26 @@ func waitFileContains(t *testing.T, ctx context.Context, path, text, why string)
 	}
 }
 
-// scancelWait cancels job id and checks that it ends CANCELLED (in
-// Slurm and in accounting) and leaves no VMM process behind.
+// scancelWait cancels job id and checks that it ends CANCELLED.
 func (l *launchLab) scancelWait(t *testing.T, ctx context.Context, id string) {
 	t.Helper()
 	if r, err := l.Client(ctx, "scancel "+id); err != nil || r.ExitCode != 0 {
 		t.Fatalf("scancel: %v %s", err, r)
 	}
+	l.waitEnded(t, ctx, id, "CANCELLED")
+}
+
+// waitEnded waits for job id to end and checks that it ended in state
+// (in Slurm and in accounting) and left no VMM process behind.
+func (l *launchLab) waitEnded(t *testing.T, ctx context.Context, id, state string) {
+	t.Helper()
 	j, err := WaitJob(ctx, l, id)
 	if err != nil {
 		t.Fatal(err)
 	}
-	wantAcct(t, ctx, l, id, "CANCELLED", "")
-	if j.State != "CANCELLED" {
-		t.Errorf("job %s: %s, want CANCELLED", id, j.State)
+	wantAcct(t, ctx, l, id, state, "")
+	if j.State != state {
+		t.Errorf("job %s: %s, want %s", id, j.State, state)
 	}
 	l.waitNoVMProcs(t, ctx, id)
 }

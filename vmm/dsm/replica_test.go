@@ -202,13 +202,20 @@ func TestReplicaConflictingWritesStopTheVM(t *testing.T) {
 	p.setWord(1, pfn, 9, 0x4000|ptePresent)
 	p.ping(0)
 	p.ping(1)
+	wantNodeFailure(t, failed, "replicated page table 0x41000, entry 9", "conflicting writes")
+}
+
+// wantNodeFailure waits for a node failure whose error contains want;
+// what names the cause for the test's message.
+func wantNodeFailure(t *testing.T, failed <-chan error, want, what string) {
+	t.Helper()
 	select {
 	case err := <-failed:
-		if !strings.Contains(err.Error(), "replicated page table 0x41000, entry 9") {
-			t.Fatalf("error %q does not name the page and entry", err)
+		if !strings.Contains(err.Error(), want) {
+			t.Fatalf("%s: error %q does not contain %q", what, err, want)
 		}
 	case <-time.After(10 * time.Second):
-		t.Fatal("conflicting writes did not stop the node")
+		t.Fatalf("%s did not stop the node", what)
 	}
 }
 
@@ -294,14 +301,7 @@ func TestReplicaUnlinkStopsTheVM(t *testing.T) {
 	}
 	p.setWord(0, parent, 7, 0)
 	p.ping(0)
-	select {
-	case err := <-failed:
-		if !strings.Contains(err.Error(), "unlinked replicated page table 0x43000") {
-			t.Fatalf("error %q does not name the table", err)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("unlinking a replicated table did not stop the node")
-	}
+	wantNodeFailure(t, failed, "unlinked replicated page table 0x43000", "unlinking a replicated table")
 }
 
 // TestReplicaConvergesUnderConcurrentWrites: both slices' "processors"

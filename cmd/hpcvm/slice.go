@@ -45,6 +45,7 @@ type sliceOpts struct {
 	timeout   time.Duration
 	hold      time.Duration  // coherence hold window (dsm.NodeConfig.Hold)
 	replicate bool           // replicated page tables (docs/dsm.md)
+	profile   time.Duration  // RIP sampling period (0: off)
 	stopSig   syscall.Signal // --stop-signal (0: SIGINT and SIGTERM stop the slice)
 	stopped   func() (os.Signal, bool)
 	verbose   bool
@@ -73,8 +74,10 @@ type sliceOutput struct {
 	Stats   dsm.StatsSnapshot `json:"stats"`
 	// HotPages: the guest pages this slice requested most (docs/dsm.md).
 	HotPages []dsm.HotPage `json:"hot_pages,omitempty"`
-	VCPUs    []int         `json:"vcpus"`
-	Elapsed  string        `json:"elapsed"`
+	// Profile: where the local vCPUs were, sampled (--profile).
+	Profile *dsm.RIPProfile `json:"profile,omitempty"`
+	VCPUs   []int           `json:"vcpus"`
+	Elapsed string          `json:"elapsed"`
 }
 
 type sliceResult struct {
@@ -128,6 +131,7 @@ type sliceFlags struct {
 	id, iters                                       *int
 	peers, listen, vmID, secretFile, placement, mem *string
 	builtin, program, timeout, hold, stopSignal     *string
+	profile                                         *string
 	results                                         addrList
 	verbose, replicateTables                        *bool
 	kernel, initrd, cmdline, vsock, console         *string
@@ -160,6 +164,7 @@ func newSliceFlags() *sliceFlags {
 	f.hold = fs.String("hold", "0", "keep a page granted for writing at least `DURATION` before giving it up (e.g. 2ms; damps page-table ping-pong; 0: off)")
 	f.stopSignal = fs.String("stop-signal", "", "stop only on `SIGNAL` (e.g. SIGUSR1) and exit 0; SIGINT, SIGTERM and SIGHUP are then caught and ignored (a slice of a Slurm job step, as hpcvm vm run --stop-signal)")
 	f.replicateTables = fs.Bool("replicate-tables", false, "replicate page-table pages instead of moving them: a micro-guest's tables, or a --kernel guest's static kernel tables (2 slices; docs/dsm.md, \"Replicated page tables\")")
+	f.profile = fs.String("profile", "0", "sample where the local vCPUs are every `PERIOD` (e.g. 10ms) and print the most frequent guest addresses, named from --kernel's symbols (docs/dsm.md; 0: off)")
 	f.verbose = fs.Bool("v", false, "log protocol events to stderr")
 	fs.Usage = func() { sliceUsage(fs) }
 	return f
@@ -270,6 +275,12 @@ func parseSliceArgs(args []string) (*sliceOpts, error) {
 	}
 	if o.hold < 0 || o.hold > time.Second {
 		return nil, fmt.Errorf("--hold %s: must be between 0 and 1s", *f.hold)
+	}
+	if o.profile, err = time.ParseDuration(*f.profile); err != nil {
+		return nil, fmt.Errorf("--profile: %w", err)
+	}
+	if o.profile != 0 && (o.profile < time.Millisecond || o.profile > time.Minute) {
+		return nil, fmt.Errorf("--profile %s: must be 0 (off) or between 1ms and 1m", *f.profile)
 	}
 	o.replicate = *f.replicateTables
 	if o.replicate && len(o.placement) > 2 {
@@ -404,6 +415,7 @@ func runSlice(o *sliceOpts, stdout io.Writer) int {
 		// The micro-guest's tables are fixed at load time, so its initial
 		// CR3 names them all.
 		ReplicateTables: o.replicate,
+		ProfileEvery:    o.profile,
 		Setup: func(h *dsm.Home) error {
 			return h.Machine.IO.Register("report", dsm.ReportPort, 1, rep)
 		},
@@ -434,7 +446,7 @@ func runSlice(o *sliceOpts, stdout io.Writer) int {
 // on stderr unless the VM powered off; it returns the exit status.
 func endSlice(stdout io.Writer, o *sliceOpts, start time.Time, res dsm.SliceResult, err error, reports []uint32, results []sliceResult) int {
 	out := sliceOutput{Slice: o.id, Exit: res.Exit.Kind.String(), Reason: res.Exit.Reason, Stats: res.Stats, HotPages: res.HotPages,
-		VCPUs: o.placement[o.id], Elapsed: time.Since(start).Round(time.Millisecond).String(),
+		Profile: res.Profile, VCPUs: o.placement[o.id], Elapsed: time.Since(start).Round(time.Millisecond).String(),
 		Reports: reports, Results: results}
 	if err != nil {
 		out.Error = err.Error()
@@ -483,6 +495,7 @@ func runLinuxSlice(ctx context.Context, o *sliceOpts, ln net.Listener, lg *slog.
 		// Linux builds and frees page tables as it runs: only its static
 		// kernel tables are replicated (docs/dsm.md).
 		ReplicateKernelTables: o.replicate,
+		ProfileEvery:          o.profile,
 	}
 	start := time.Now()
 	res, err := linuxvm.RunSlice(ctx, cfg)

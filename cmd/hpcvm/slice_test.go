@@ -85,6 +85,8 @@ func TestSliceRejectsBadInput(t *testing.T) {
 		{"hold not a duration", base("--hold", "soon"), "--hold"},
 		{"hold too long", base("--hold", "2s"), "--hold 2s"},
 		{"hold negative", base("--hold", "-1ms"), "--hold -1ms"},
+		{"profile not a duration", base("--profile", "often"), "--profile"},
+		{"profile too fine", base("--profile", "10us"), "--profile 10us"},
 		{"listen", base("--listen", "nonsense"), "--listen"},
 		{"kernel and builtin", base("--kernel", prog), "--kernel and --builtin/--program are mutually exclusive"},
 		{"kernel and result", base("--builtin", "", "--kernel", prog, "--result", "0x1000"), "--result is for micro-guests"},

@@ -249,7 +249,7 @@ func TestLoadBzImageErrors(t *testing.T) {
 		{name: "RAM below 1 MiB", kernel: good, ram: 1 << 20, want: "below the kernel load address"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			ram := cmp(tc.ram, testRAM)
+			ram := orDefault(tc.ram, testRAM)
 			_, err := Load(testmem.New(ram), Config{Kernel: tc.kernel, Initrd: tc.initrd, Cmdline: tc.cmdline, RAM: RAMRegions(ram), CPUs: 1})
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Fatalf("Load error %v, want one containing %q", err, tc.want)
@@ -258,8 +258,8 @@ func TestLoadBzImageErrors(t *testing.T) {
 	}
 }
 
-// cmp returns v, or def if v is zero.
-func cmp(v, def uint64) uint64 {
+// orDefault returns v, or def if v is zero.
+func orDefault(v, def uint64) uint64 {
 	if v == 0 {
 		return def
 	}

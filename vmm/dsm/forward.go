@@ -32,6 +32,11 @@ func (h *sliceHooks) BeforeRun(c *kvm.VCPU) error {
 			return err
 		}
 	}
+	if s.sampler != nil {
+		if err := s.sampler.record(c, v); err != nil {
+			return err
+		}
+	}
 	_, err := s.irq.beforeRun(c, v, s.machine())
 	return err
 }

@@ -59,6 +59,7 @@ type vmRun struct {
 	finals  []uint64 // qwords at the program's final addresses, read coherently on slice 0
 	stats   []StatsSnapshot
 	hot     [][]HotPage // per slice
+	profile []*RIPProfile // per slice (SliceConfig.ProfileEvery)
 	elapsed time.Duration
 }
 
@@ -144,6 +145,7 @@ func runInProcessWith(t testing.TB, n, ncpu int, prog string, iters int, tweak f
 		out.reports = append(out.reports, reps[i].reports...)
 		out.stats = append(out.stats, res[i].Stats)
 		out.hot = append(out.hot, res[i].HotPages)
+		out.profile = append(out.profile, res[i].Profile)
 	}
 	sort.Slice(out.reports, func(a, b int) bool { return out.reports[a] < out.reports[b] })
 	return out

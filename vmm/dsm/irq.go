@@ -3,6 +3,7 @@ package dsm
 import (
 	"fmt"
 	"sync"
+	"sync/atomic"
 
 	"github.com/hpcvm/hpcvm/vmm/irqchip"
 	"github.com/hpcvm/hpcvm/vmm/kvm"
@@ -33,6 +34,11 @@ type vcpuIRQ struct {
 	waitSIPI bool   // after INIT (or created not started): waits for a startup IPI
 	started  bool   // BeforeRun has run once
 	lastCR8  uint64 // CR8 value given to KVM at the last entry
+
+	// For the RIP sampler (profile.go): idle while the vCPU waits in the
+	// VMM (halted, or for a startup IPI); sample asks its thread to
+	// record its RIP before the next entry.
+	idle, sample atomic.Bool
 }
 
 // irqState is one slice's share of the VM's interrupt controllers.
@@ -203,7 +209,7 @@ func (q *irqState) beforeRun(c *kvm.VCPU, v *vcpuIRQ, m *machine.Machine) (stopp
 			q.s.smpSeen.Store(true)
 			break
 		}
-		if m.Idle(v.wake) {
+		if q.idle(v, m) {
 			return true, nil
 		}
 	}
@@ -261,10 +267,18 @@ func (q *irqState) msr(c *kvm.VCPU, v *vcpuIRQ, write bool) error {
 // take (or the machine stops).
 func (q *irqState) halt(c *kvm.VCPU, v *vcpuIRQ, m *machine.Machine) {
 	for !v.lapic.HasWork(c.InterruptFlag()) {
-		if m.Idle(v.wake) {
+		if q.idle(v, m) {
 			return
 		}
 	}
+}
+
+// idle waits in the VMM for v's next wake-up (machine.Idle), marked idle
+// for the RIP sampler.
+func (q *irqState) idle(v *vcpuIRQ, m *machine.Machine) (stopping bool) {
+	v.idle.Store(true)
+	defer v.idle.Store(false)
+	return m.Idle(v.wake)
 }
 
 // setINITState puts a vCPU in the state INIT leaves it in (SDM 9.1.1).

@@ -50,7 +50,10 @@ type SliceConfig struct {
 	// (kernelTablePages), found from a vCPU's CR3 once the guest starts
 	// its application processors. Two slices at most, for now.
 	ReplicateKernelTables bool
-	Logger                *slog.Logger
+	// ProfileEvery, if set, samples the local vCPUs' guest RIP at this
+	// period (profile.go); the result is SliceResult.Profile.
+	ProfileEvery time.Duration
+	Logger       *slog.Logger
 }
 
 // Home is what slice 0's Setup gets to attach the VM's devices.
@@ -79,6 +82,9 @@ type SliceResult struct {
 	Stats StatsSnapshot
 	// HotPages are the pages this slice requested most (at most 10).
 	HotPages []HotPage
+	// Profile is the RIP sampling result (SliceConfig.ProfileEvery), the
+	// 30 most sampled addresses.
+	Profile *RIPProfile
 }
 
 // StatsSnapshot is a copy of Stats.
@@ -129,6 +135,8 @@ type sliceRun struct {
 	ktMu   sync.Mutex
 	ktSet  TableSet
 	ktNext atomic.Int64
+	// sampler records guest RIPs (nil: ProfileEvery is 0).
+	sampler *ripSampler
 
 	mu    sync.Mutex
 	m     *machine.Machine
@@ -222,6 +230,9 @@ func RunSlice(ctx context.Context, cfg SliceConfig) (SliceResult, error) {
 		return SliceResult{}, fmt.Errorf("dsm: replicated page tables need 2 slices at most, have %d (docs/dsm.md)", s.n)
 	}
 	s.ncpu, s.vcpus = ncpu, cfg.Placement[s.id]
+	if cfg.ProfileEvery > 0 {
+		s.sampler = &ripSampler{s: s, every: cfg.ProfileEvery, counts: map[uint64]int64{}}
+	}
 	// Before the transport: interrupt messages may arrive as soon as it runs.
 	s.irq = newIRQState(s)
 	defer s.irq.close()
@@ -300,6 +311,9 @@ func RunSlice(ctx context.Context, cfg SliceConfig) (SliceResult, error) {
 	}
 	runDone := make(chan struct{})
 	go s.releaseStuckFaults(ctx, m, runDone)
+	if s.sampler != nil {
+		go s.sampler.run(runDone)
+	}
 	exit := m.Run(ctx)
 	close(runDone)
 	if exit.Kind != machine.ExitError && exit.Kind != machine.ExitStopped {
@@ -313,6 +327,9 @@ func RunSlice(ctx context.Context, cfg SliceConfig) (SliceResult, error) {
 		s.tr.Close()
 	}
 	res := SliceResult{Exit: exit, Stats: s.node.Stats.Snapshot(), HotPages: s.node.HotPages(10)}
+	if s.sampler != nil {
+		res.Profile = s.sampler.profile(30)
+	}
 	if err := s.node.Err(); err != nil {
 		return res, err
 	}

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/hpcvm/hpcvm/vmm/boot"
 	"github.com/hpcvm/hpcvm/vmm/bus"
 	"github.com/hpcvm/hpcvm/vmm/dsm"
 	"github.com/hpcvm/hpcvm/vmm/kvm"
@@ -29,6 +30,9 @@ type SliceConfig struct {
 	Hold time.Duration
 	// ReplicateKernelTables: dsm.SliceConfig.ReplicateKernelTables.
 	ReplicateKernelTables bool
+	// ProfileEvery: dsm.SliceConfig.ProfileEvery; the profile's addresses
+	// are named from the kernel's symbol table when VM.Kernel has one.
+	ProfileEvery time.Duration
 }
 
 // RunSlice runs one slice until the guest powers off or resets (on every
@@ -77,6 +81,7 @@ func RunSlice(ctx context.Context, sc SliceConfig) (dsm.SliceResult, error) {
 		MemBytes:  cfg.MemBytes,
 		// The kernel's static page tables (docs/dsm.md).
 		ReplicateKernelTables: sc.ReplicateKernelTables,
+		ProfileEvery:          sc.ProfileEvery,
 		Loader:                newLoader(&cfg, legacy),
 		Setup: func(h *dsm.Home) error {
 			p := platform{io: &h.Machine.IO, mmio: &h.Machine.MMIO, mem: h.Memory,
@@ -90,6 +95,15 @@ func RunSlice(ctx context.Context, sc SliceConfig) (dsm.SliceResult, error) {
 		Logger: cfg.Logger,
 	})
 	res.Exit = console.explain(res.Exit)
+	if res.Profile != nil && cfg.Kernel != "" {
+		if syms, serr := boot.LoadSymbols(cfg.Kernel); serr != nil {
+			cfg.Logger.Info("RIP profile left unnamed", "err", serr)
+		} else {
+			for i := range res.Profile.Top {
+				res.Profile.Top[i].Symbol = syms.Lookup(res.Profile.Top[i].RIP)
+			}
+		}
+	}
 	return res, err
 }
 

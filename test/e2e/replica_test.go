@@ -4,6 +4,8 @@ package e2e
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/base64"
 	"encoding/json"
 	"fmt"
 	"strconv"
@@ -17,12 +19,34 @@ import (
 
 // sliceDir makes a node-local directory (the node's /run: the secret must
 // not sit on a 9p share) holding a fresh VM secret in key, removed when the
-// test ends.
-func sliceDir(t *testing.T, ctx context.Context, n *virtnode.Node) string {
+// test ends. With several nodes every node gets the same path and secret,
+// as a launcher hands one secret to all of a VM's slices.
+func sliceDir(t *testing.T, ctx context.Context, nodes ...*virtnode.Node) string {
 	dir := fmt.Sprintf("/run/e2e-slices-%d", time.Now().UnixNano())
-	n.MustRun(t, ctx, fmt.Sprintf("set -e; mkdir -p %[1]s; head -c 32 /dev/urandom > %[1]s/key; chmod 600 %[1]s/key", dir))
-	t.Cleanup(func() { n.Run(context.Background(), "rm -rf "+dir) })
+	key := make([]byte, 32)
+	if _, err := rand.Read(key); err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range nodes {
+		n.MustRun(t, ctx, fmt.Sprintf("set -e; umask 077; mkdir -p %[1]s; echo %[2]s | base64 -d > %[1]s/key",
+			dir, base64.StdEncoding.EncodeToString(key)))
+		t.Cleanup(func() { n.Run(context.Background(), "rm -rf "+dir) })
+	}
 	return dir
+}
+
+// slicePeers is the --peers list for slices placed round-robin on nodes
+// (all on loopback when there is one node), ports from base up.
+func slicePeers(nodes []*virtnode.Node, slices, base int) string {
+	var peers []string
+	for i := 0; i < slices; i++ {
+		host := "127.0.0.1"
+		if len(nodes) > 1 {
+			host = nodes[i%len(nodes)].IP
+		}
+		peers = append(peers, fmt.Sprintf("%s:%d", host, base+i))
+	}
+	return strings.Join(peers, ",")
 }
 
 // sliceOutput is the JSON line `hpcvm slice` prints when it ends.
@@ -37,17 +61,17 @@ type sliceOutput struct {
 	Elapsed string `json:"elapsed"`
 }
 
-// runMicroSlices runs builtin prog on 2 slice processes in node n and
-// returns both slices' outputs.
-func runMicroSlices(t *testing.T, ctx context.Context, n *virtnode.Node, bin, prog string, iters int, extra ...string) [2]sliceOutput {
+// runMicroSlices runs builtin prog on 2 slice processes, slice i on
+// nodes[i%len(nodes)], and returns both slices' outputs.
+func runMicroSlices(t *testing.T, ctx context.Context, nodes []*virtnode.Node, bin, prog string, iters int, extra ...string) [2]sliceOutput {
 	t.Helper()
-	dir := sliceDir(t, ctx, n)
+	dir := sliceDir(t, ctx, nodes...)
 	var procs []*virtnode.Proc
 	for id := 0; id < 2; id++ {
-		argv := []string{bin, "slice", "--id", strconv.Itoa(id), "--peers", "127.0.0.1:7710,127.0.0.1:7711",
+		argv := []string{bin, "slice", "--id", strconv.Itoa(id), "--peers", slicePeers(nodes, 2, 7710),
 			"--vm-id", "e2e-rep", "--secret-file", dir + "/key", "--placement", "0/1",
 			"--builtin", prog, "--iters", strconv.Itoa(iters), "--timeout", "5m"}
-		p, err := n.RunBackground(guestvm.Quote(append(argv, extra...)) + " </dev/null")
+		p, err := nodes[id%len(nodes)].RunBackground(guestvm.Quote(append(argv, extra...)) + " </dev/null")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -104,7 +128,7 @@ func TestReplicatedTablesInNode(t *testing.T) {
 		extra []string
 	}{{"moved", nil}, {"replicated", []string{"--replicate-tables"}}} {
 		start := time.Now()
-		out := runMicroSlices(t, ctx, n, bin, "mp", iters, mode.extra...)
+		out := runMicroSlices(t, ctx, []*virtnode.Node{n}, bin, "mp", iters, mode.extra...)
 		r := run{name: mode.name, out: out, wall: time.Since(start)}
 		if len(out[0].Reports) != 1 || out[0].Reports[0] != 0 {
 			t.Errorf("%s: mp reports %v, want [0] (no stale read)", mode.name, out[0].Reports)

@@ -46,7 +46,7 @@ func TestLinuxAcrossSlices(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			healthyNode(t)
-			runSlices(t, r.Node, bin, art, disk, tc.placement)
+			runSlices(t, []*virtnode.Node{r.Node}, bin, art, disk, tc.placement)
 		})
 	}
 }
@@ -60,7 +60,9 @@ func holdArgs() []string {
 	return nil
 }
 
-func runSlices(t *testing.T, n *virtnode.Node, bin string, art guestvm.Artifacts, disk testDisk, placement string) {
+// runSlices runs the test Linux guest as one slice per placement group,
+// slice i on nodes[i%len(nodes)]; slice 0's node keeps the console.
+func runSlices(t *testing.T, nodes []*virtnode.Node, bin string, art guestvm.Artifacts, disk testDisk, placement string) {
 	// HPCVM_E2E_SLICE_TIMEOUT (default 4m) bounds each case: across slices
 	// in a node every page hand-off costs milliseconds (docs/dsm.md).
 	limit := 4 * time.Minute
@@ -81,18 +83,15 @@ func runSlices(t *testing.T, n *virtnode.Node, bin string, art guestvm.Artifacts
 	if err != nil {
 		t.Fatal(err)
 	}
-	dir := sliceDir(t, ctx, n)
-	var peers []string
-	for i := range groups {
-		peers = append(peers, fmt.Sprintf("127.0.0.1:%d", 7600+i))
-	}
+	dir := sliceDir(t, ctx, nodes...)
+	peers := slicePeers(nodes, len(groups), 7600)
 	cmdline := guestvm.BaseCmdline + " hpcvm.disk=ro hpcvm.test=/check.sh"
 	if extra := os.Getenv("HPCVM_E2E_CMDLINE_EXTRA"); extra != "" {
 		cmdline += " " + extra // e.g. loglevel=7 when debugging
 	}
 	var procs []*virtnode.Proc
 	for id := range groups {
-		argv := []string{bin, "slice", "--id", strconv.Itoa(id), "--peers", strings.Join(peers, ","),
+		argv := []string{bin, "slice", "--id", strconv.Itoa(id), "--peers", peers,
 			"--vm-id", "e2e-slices", "--secret-file", dir + "/key", "--placement", placement,
 			"--mem", "256MiB", "--timeout", limit.String(),
 			// The same guest options on every slice, as a launcher gives
@@ -103,12 +102,15 @@ func runSlices(t *testing.T, n *virtnode.Node, bin string, art guestvm.Artifacts
 		if os.Getenv("HPCVM_E2E_REPLICATE_TABLES") == "1" {
 			argv = append(argv, "--replicate-tables")
 		}
+		if every := os.Getenv("HPCVM_E2E_PROFILE"); every != "" {
+			argv = append(argv, "--profile", every) // RIP samples in the slice's JSON
+		}
 		if cpus := os.Getenv("HPCVM_E2E_SLICE_TASKSET"); cpus != "" {
 			// e.g. 0: every slice on one node CPU, so the node's kernel,
 			// not TCG's round robin, switches between them (docs/dsm.md).
 			argv = append([]string{"taskset", "-c", cpus}, argv...)
 		}
-		p, err := n.RunBackground(guestvm.Quote(argv) + " </dev/null")
+		p, err := nodes[id%len(nodes)].RunBackground(guestvm.Quote(argv) + " </dev/null")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -127,7 +129,7 @@ func runSlices(t *testing.T, n *virtnode.Node, bin string, art guestvm.Artifacts
 			t.Logf("slice %d: %s", id, strings.TrimSpace(res.Stdout))
 		}
 	}
-	cres, _ := n.Run(ctx, "cat "+dir+"/console.0")
+	cres, _ := nodes[0].Run(ctx, "cat "+dir+"/console.0")
 	console := cres.Stdout
 	nproc, _ := hpcvmLine(console, "nproc")
 	online, _ := hpcvmLine(console, "cpus_online")
@@ -204,4 +206,37 @@ func TestMicroGuestsAcrossSlices(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestSlicesAcrossNodes runs 2 slices on 2 virt nodes of one CPU each, over
+// the cluster bridge, as a 2-node job places them: the micro-guests'
+// message passing with the page tables replicated, then the test Linux
+// guest. A node with one CPU has nothing for TCG to round-robin between, so
+// a page request wakes the serving slice at once, where 2 slices in one
+// 2-CPU node wait for TCG's turn (docs/dsm.md, "Status").
+func TestSlicesAcrossNodes(t *testing.T) {
+	virtnode.RequirePrereqs(t)
+	bin := mustHPCVM(t)
+	art := guestvm.FindArtifacts()
+	guestvm.Need(t, art.Vmlinux, art.TestInitramfs)
+	disk := makeDisk(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 40*time.Minute)
+	defer cancel()
+	c, err := virtnode.Start(ctx, virtnode.Config{Nodes: 2, CPUs: 1, MemMiB: 1024, Logf: t.Logf})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	t.Run("mp", func(t *testing.T) {
+		start := time.Now()
+		out := runMicroSlices(t, ctx, c.Nodes, bin, "mp", 200, "--replicate-tables")
+		if len(out[0].Reports) != 1 || out[0].Reports[0] != 0 {
+			t.Errorf("mp reports %v, want [0] (no stale read)", out[0].Reports)
+		}
+		t.Logf("mp: 200 hand-offs in %v; requests %d + %d", time.Since(start).Round(time.Millisecond),
+			out[0].Stats.Requests, out[1].Stats.Requests)
+	})
+	t.Run("linux", func(t *testing.T) {
+		runSlices(t, c.Nodes, bin, art, disk, "0/1")
+	})
 }

@@ -128,12 +128,9 @@ func (p *Plan) SliceArgs(i int) []string {
 	default:
 		args = append(args, "--disk", p.VM.Disk+",overlay="+p.DiskOverlay())
 	}
-	if len(s.Addrs) == 2 {
-		// Under nested paging every walk of a page table is a write:
-		// replicate the kernel's tables rather than move them (docs/dsm.md;
-		// two slices for now).
-		args = append(args, "--replicate-tables")
-	}
+	// Under nested paging every walk of a page table is a write: replicate
+	// the kernel's tables rather than move them (docs/dsm.md).
+	args = append(args, "--replicate-tables")
 	if i == 0 {
 		args = append(args, "--vsock", p.VsockPath(), "--console", p.ConsolePath())
 	}

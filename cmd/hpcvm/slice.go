@@ -163,7 +163,7 @@ func newSliceFlags() *sliceFlags {
 	f.timeout = fs.String("timeout", "0", "stop with an error after `DURATION` (e.g. 10m; 0: no limit)")
 	f.hold = fs.String("hold", "0", "keep a page granted for writing at least `DURATION` before giving it up (e.g. 2ms; damps page-table ping-pong; 0: off)")
 	f.stopSignal = fs.String("stop-signal", "", "stop only on `SIGNAL` (e.g. SIGUSR1) and exit 0; SIGINT, SIGTERM and SIGHUP are then caught and ignored (a slice of a Slurm job step, as hpcvm vm run --stop-signal)")
-	f.replicateTables = fs.Bool("replicate-tables", false, "replicate page-table pages instead of moving them: a micro-guest's tables, or a --kernel guest's static kernel tables (2 slices; docs/dsm.md, \"Replicated page tables\")")
+	f.replicateTables = fs.Bool("replicate-tables", false, "replicate page-table pages instead of moving them: a micro-guest's tables, or a --kernel guest's static kernel tables (docs/dsm.md, \"Replicated page tables\")")
 	f.profile = fs.String("profile", "0", "sample where the local vCPUs are every `PERIOD` (e.g. 10ms) and print the most frequent guest addresses, named from --kernel's symbols (docs/dsm.md; 0: off)")
 	f.verbose = fs.Bool("v", false, "log protocol events to stderr")
 	fs.Usage = func() { sliceUsage(fs) }
@@ -283,9 +283,6 @@ func parseSliceArgs(args []string) (*sliceOpts, error) {
 		return nil, fmt.Errorf("--profile %s: must be 0 (off) or between 1ms and 1m", *f.profile)
 	}
 	o.replicate = *f.replicateTables
-	if o.replicate && len(o.placement) > 2 {
-		return nil, fmt.Errorf("--replicate-tables: %d slices; replicated page tables support 2 for now", len(o.placement))
-	}
 	switch {
 	case o.linux != nil:
 	case *builtin != "" && *program != "":

@@ -32,10 +32,11 @@ import (
 
 const benchMem = 64 << 20
 
+// nodePair is two (or, from newNodes, more) nodes connected over loopback.
 type nodePair struct {
-	nodes [2]*Node
-	rams  [2]*memory.RAM
-	trs   [2]*Transport
+	nodes []*Node
+	rams  []*memory.RAM
+	trs   []*Transport
 }
 
 // benchSpin is the busy-poll budget of the benchmark's nodes and
@@ -49,13 +50,19 @@ func benchSpin() time.Duration {
 // fails) is told of a node failing.
 func newNodePair(b testing.TB, onFail func(i int, err error)) *nodePair {
 	b.Helper()
+	return newNodes(b, 2, onFail)
+}
+
+// newNodes connects n nodes over loopback, as newNodePair.
+func newNodes(b testing.TB, n int, onFail func(i int, err error)) *nodePair {
+	b.Helper()
 	requireKVMAndUFFD(b)
-	lns, addrs := loopbackListeners(b, 2)
+	lns, addrs := loopbackListeners(b, n)
 	lg := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	p := &nodePair{}
+	p := &nodePair{nodes: make([]*Node, n), rams: make([]*memory.RAM, n), trs: make([]*Transport, n)}
 	var wg sync.WaitGroup
-	errs := make([]error, 2)
-	for i := 0; i < 2; i++ {
+	errs := make([]error, n)
+	for i := 0; i < n; i++ {
 		ram, err := memory.NewRAM(benchMem, layout.MMIOGapStart)
 		if err != nil {
 			b.Fatal(err)
@@ -69,7 +76,7 @@ func newNodePair(b testing.TB, onFail func(i int, err error)) *nodePair {
 		}(i)
 	}
 	wg.Wait()
-	for i := 0; i < 2; i++ {
+	for i := 0; i < n; i++ {
 		if errs[i] != nil {
 			b.Fatal(errs[i])
 		}
@@ -87,10 +94,10 @@ func newNodePair(b testing.TB, onFail func(i int, err error)) *nodePair {
 		p.nodes[i] = n
 	}
 	b.Cleanup(func() {
-		for i := 0; i < 2; i++ {
+		for i := 0; i < n; i++ {
 			p.trs[i].SetClosing()
 		}
-		for i := 0; i < 2; i++ {
+		for i := 0; i < n; i++ {
 			p.nodes[i].Close()
 			p.trs[i].Close()
 			p.rams[i].Close()

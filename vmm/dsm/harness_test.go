@@ -58,7 +58,7 @@ type vmRun struct {
 	reports []uint32 // all slices' reports, sorted
 	finals  []uint64 // qwords at the program's final addresses, read coherently on slice 0
 	stats   []StatsSnapshot
-	hot     [][]HotPage // per slice
+	hot     [][]HotPage   // per slice
 	profile []*RIPProfile // per slice (SliceConfig.ProfileEvery)
 	elapsed time.Duration
 }

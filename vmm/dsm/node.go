@@ -214,6 +214,7 @@ func newNode(cfg NodeConfig) (*Node, error) {
 	nd := &Node{id: tr.ID(), n: tr.N(), ram: cfg.RAM, tr: tr, log: cfg.Logger.With("slice", tr.ID()),
 		onFail: cfg.OnFail, control: cfg.Control, zero: make([]byte, PageSize), pending: map[uint64]chan Msg{},
 		busyPoll: cfg.BusyPoll, hold: cfg.Hold, epoch: time.Now()}
+	nd.rep.init(nd.n)
 	nd.ctx, nd.cancel = context.WithCancel(context.Background())
 	nd.SetTables(cfg.Tables)
 	npages := 0
@@ -294,6 +295,7 @@ func (nd *Node) fail(err error) {
 			nd.onFail(err)
 		}
 		nd.cancel()
+		nd.wakeDepsWaiters()
 		nd.u.Close()
 	})
 }
@@ -304,6 +306,7 @@ func (nd *Node) fail(err error) {
 func (nd *Node) releaseFaults() {
 	nd.failOnce.Do(func() {
 		nd.cancel()
+		nd.wakeDepsWaiters()
 		nd.u.Close()
 	})
 }
@@ -366,6 +369,7 @@ func (nd *Node) home(pfn uint64) int { return int(pfn % uint64(nd.n)) }
 func (nd *Node) send(to int, m *Msg) {
 	if to != nd.id {
 		nd.publish()
+		nd.sendDeps(to)
 	}
 	if err := nd.tr.Send(to, m); err != nil && nd.ctx.Err() == nil {
 		nd.fail(fmt.Errorf("slice %d: %w", to, err))
@@ -459,6 +463,9 @@ func (nd *Node) request(idx int, write bool) {
 		nd.Stats.ReadFaults.Add(1)
 	}
 	nd.Stats.Requests.Add(1)
+	if m.Type != MsgWriteReq && nd.tables.Load() != nil {
+		nd.startJoin(idx) // the grant may be a replica
+	}
 	nd.send(nd.home(m.Page), &m)
 }
 
@@ -569,6 +576,10 @@ func (nd *Node) Deliver(from int, m *Msg) {
 		nd.applyUpdate(from, m)
 		return
 	}
+	if m.Type == MsgDeps {
+		nd.waitDeps(from, m.Seen)
+		return
+	}
 	if nd.control != nil {
 		nd.control(from, m)
 	}
@@ -602,6 +613,7 @@ func (nd *Node) Call(to int, m *Msg, abort <-chan struct{}) (Msg, error) {
 	nd.pmu.Unlock()
 	if to != nd.id {
 		nd.publish()
+		nd.sendDeps(to)
 	}
 	forget := func() {
 		nd.pmu.Lock()
@@ -727,6 +739,9 @@ func (nd *Node) onGrant(from, idx int, m *Msg) {
 	}
 	p := &nd.pages[idx]
 	excl := m.Flags&FlagExclusive != 0
+	if nd.tables.Load() != nil {
+		nd.endJoin(idx)
+	}
 	p.mu.Lock()
 	if p.st == replica {
 		// De-replicated: this slice's copy is the only one left.

@@ -30,13 +30,23 @@ import (
 // page-table writes that came before it. Concurrent changes of one word
 // are merged with page-table semantics (mergeWord).
 //
-// Limits of this first version: two slices (ordering relies on the one
-// connection between them; with more, a publish must be acknowledged
-// before the message it precedes), and only tables that stay tables are
-// replicated (the micro-guests' and a Linux kernel's own): a page freed
-// as a table and reused as data while replicated would have no
-// single-writer coherence, so a publish that unlinks a replicated table
-// stops the VM (checkUnlinks).
+// With more than two slices one connection no longer orders everything: a
+// slice can learn of an event from one slice before another slice's
+// updates that came before it have arrived. So every slice counts the
+// update frames it has received from each other slice, and before a
+// message to slice j it sends a deps frame with those counts whenever
+// they grew since its last one to j; j reads nothing more from it until it
+// has received as many (causal delivery with vector counts, as in
+// ISIS/CBCAST). Waiting happens in j's reader threads, but only for frames
+// sent causally earlier, so no wait can close a cycle. A replica's content
+// travels with the counts it includes (FlagSeen); a slice joining the
+// replicas holds the updates that arrive while its request is in flight
+// and applies, once the content is in, those the content does not include.
+//
+// Limit: only tables that stay tables are replicated (the micro-guests'
+// and a Linux kernel's own): a page freed as a table and reused as data
+// while replicated would have no single-writer coherence, so a publish
+// that unlinks a replicated table stops the VM (checkUnlinks).
 
 // Page-table entry bits the merge needs.
 const (
@@ -94,6 +104,50 @@ type replicas struct {
 	mu    sync.Mutex
 	twins map[int][]byte // page index -> content as last published
 	n     atomic.Int32   // len(twins), read without mu
+
+	// Causal delivery (more than two slices). sent counts the update
+	// frames this slice has published (each goes to every other slice);
+	// recv the frames received from each slice, applied or not; total is
+	// their sum, read without mu. arrived (on mu) is signalled when recv
+	// grows or the node stops.
+	sent    uint64
+	recv    []uint64
+	total   atomic.Uint64
+	arrived *sync.Cond
+	// joining: pages with a read or replica request in flight, and the
+	// updates received for them meanwhile.
+	joining map[int][]heldUpdate
+	// depsMu orders deps frames; depsSent[j] is total as of the last deps
+	// frame sent to slice j.
+	depsMu   sync.Mutex
+	depsSent []uint64
+}
+
+// maxHeld bounds the updates held for one page (applyUpdate).
+const maxHeld = 4096
+
+// heldUpdate is an update frame received for a page this slice was
+// joining: seq is its place among its sender's frames.
+type heldUpdate struct {
+	from  int
+	seq   uint64
+	words []WordUpdate
+}
+
+func (r *replicas) init(n int) {
+	r.recv = make([]uint64, n)
+	r.depsSent = make([]uint64, n)
+	r.arrived = sync.NewCond(&r.mu)
+	r.joining = map[int][]heldUpdate{}
+}
+
+// seenLocked is how many update frames of each slice this slice's
+// replicas include: its own published frames and those it received.
+// rep.mu is held.
+func (nd *Node) seenLocked() []uint64 {
+	seen := slices.Clone(nd.rep.recv)
+	seen[nd.id] = nd.rep.sent
+	return seen
 }
 
 // TableClassifier tells which guest pages are page tables to replicate and
@@ -132,18 +186,48 @@ func snapshot(host []byte) []byte {
 	return out
 }
 
-// addReplicaLocked records page idx (mapped, writable) as a replica with
-// twin. p.mu is held.
-func (nd *Node) addReplicaLocked(idx int, twin []byte) {
+// joinLocked records page idx (mapped, writable) as a replica with twin,
+// its content as of seen (update counts per slice; nil: the content is this
+// slice's own copy), and applies the updates held while joining that the
+// content does not include. p.mu is held.
+func (nd *Node) joinLocked(idx int, twin []byte, seen []uint64) {
 	nd.rep.mu.Lock()
 	if nd.rep.twins == nil {
 		nd.rep.twins = map[int][]byte{}
 	}
 	nd.rep.twins[idx] = twin
 	nd.rep.n.Store(int32(len(nd.rep.twins)))
+	held := nd.rep.joining[idx]
+	delete(nd.rep.joining, idx)
+	for _, h := range held {
+		if seen != nil && h.seq <= seen[h.from] {
+			continue // the content has it
+		}
+		if !nd.mergeLocked(h.from, idx, twin, h.words) {
+			break
+		}
+	}
 	nd.rep.mu.Unlock()
 	nd.pages[idx].st = replica
 	nd.Stats.Replicated.Add(1)
+}
+
+// startJoin notes a read or replica request for page idx in flight: the
+// grant may make it a replica, and updates arriving before it are held.
+func (nd *Node) startJoin(idx int) {
+	nd.rep.mu.Lock()
+	if _, ok := nd.rep.joining[idx]; !ok {
+		nd.rep.joining[idx] = nil
+	}
+	nd.rep.mu.Unlock()
+}
+
+// endJoin: page idx was granted without a replica; its content includes
+// the updates held so far.
+func (nd *Node) endJoin(idx int) {
+	nd.rep.mu.Lock()
+	delete(nd.rep.joining, idx)
+	nd.rep.mu.Unlock()
 }
 
 // dropReplicaLocked forgets page idx's twin. p.mu is held.
@@ -206,6 +290,7 @@ func (nd *Node) diffLocked() ([]Msg, error) {
 		for len(words) > 0 {
 			k := min(len(words), MaxUpdateWords)
 			frames = append(frames, Msg{Type: MsgUpdate, Page: pfn, Words: words[:k]})
+			nd.rep.sent++
 			words = words[k:]
 		}
 	}
@@ -226,6 +311,8 @@ func (nd *Node) sendUpdates(frames []Msg, err error) {
 			if j == nd.id {
 				continue
 			}
+			// A frame's base values may include other slices' updates.
+			nd.sendDeps(j)
 			if err := nd.tr.Send(j, &frames[i]); err != nil && nd.ctx.Err() == nil {
 				go nd.fail(fmt.Errorf("slice %d: %w", j, err))
 				return
@@ -246,12 +333,39 @@ func (nd *Node) applyUpdate(from int, m *Msg) {
 	nd.Stats.UpdatesApplied.Add(1)
 	nd.rep.mu.Lock()
 	defer nd.rep.mu.Unlock()
+	if from >= len(nd.rep.recv) {
+		return // not a slice of this VM: the transport refuses those
+	}
+	nd.rep.recv[from]++
+	nd.rep.total.Add(1)
+	nd.rep.arrived.Broadcast()
 	twin := nd.rep.twins[idx]
 	if twin == nil {
+		// Held for a request in flight, or for a table page this slice
+		// may hold a plain copy of: when the home turns every holder's
+		// copy into a replica at once, another holder's first updates
+		// can come before this slice's own turn. A grant's content
+		// includes every update received before it, so a grant clears
+		// them (endJoin); a list that grows past maxHeld belongs to a
+		// page this slice does not hold and is dropped.
+		held, ok := nd.rep.joining[idx]
+		if ok || nd.isTable(m.Page) {
+			if len(held) >= maxHeld {
+				held = nil
+			}
+			nd.rep.joining[idx] = append(held, heldUpdate{from: from, seq: nd.rep.recv[from], words: m.Words})
+		}
 		return
 	}
+	nd.mergeLocked(from, idx, twin, m.Words)
+}
+
+// mergeLocked merges slice from's changes of words into replica idx and
+// its twin; false if they conflict (the VM is stopping). rep.mu is held.
+func (nd *Node) mergeLocked(from, idx int, twin []byte, words []WordUpdate) bool {
 	host := nd.hostPage(idx)
-	for _, u := range m.Words {
+	pfn := nd.pfn(idx)
+	for _, u := range words {
 		w := int(u.Index)
 		t := binary.LittleEndian.Uint64(twin[8*w:])
 		next := u.New
@@ -260,8 +374,8 @@ func (nd *Node) applyUpdate(from int, m *Msg) {
 			// same base, crossing theirs: both sides compute this merge.
 			var ok bool
 			if next, ok = mergeWord(u.Old, t, u.New); !ok {
-				nd.conflict(from, m.Page, w, u.Old, t, u.New)
-				return
+				nd.conflict(from, pfn, w, u.Old, t, u.New)
+				return false
 			}
 		}
 		for {
@@ -271,8 +385,8 @@ func (nd *Node) applyUpdate(from int, m *Msg) {
 				// An unpublished change here, made from twin value t.
 				var ok bool
 				if want, ok = mergeWord(t, cur, next); !ok {
-					nd.conflict(from, m.Page, w, t, cur, next)
-					return
+					nd.conflict(from, pfn, w, t, cur, next)
+					return false
 				}
 			}
 			if casWord(host, w, cur, want) {
@@ -281,6 +395,64 @@ func (nd *Node) applyUpdate(from int, m *Msg) {
 		}
 		binary.LittleEndian.PutUint64(twin[8*w:], next)
 	}
+	return true
+}
+
+// sendDeps precedes a message to slice j with this slice's received-update
+// counts if they grew since the last ones sent to j (more than two slices:
+// with two, the one connection orders everything).
+func (nd *Node) sendDeps(j int) {
+	if nd.n <= 2 || j == nd.id {
+		return
+	}
+	nd.rep.depsMu.Lock()
+	defer nd.rep.depsMu.Unlock()
+	if nd.rep.total.Load() == nd.rep.depsSent[j] {
+		return
+	}
+	nd.rep.mu.Lock()
+	seen := slices.Clone(nd.rep.recv)
+	total := nd.rep.total.Load()
+	nd.rep.mu.Unlock()
+	if err := nd.tr.Send(j, &Msg{Type: MsgDeps, Seen: seen}); err != nil {
+		if nd.ctx.Err() == nil {
+			go nd.fail(fmt.Errorf("slice %d: %w", j, err))
+		}
+		return
+	}
+	nd.rep.depsSent[j] = total
+}
+
+// waitDeps (on slice from's reader) returns once this slice has received
+// the update frames counted in seen, from every slice but from itself
+// (its own come first on this connection), or the node stops.
+func (nd *Node) waitDeps(from int, seen []uint64) {
+	if len(seen) != nd.n {
+		nd.fail(fmt.Errorf("%w: slice %d sent %d update counts for %d slices", ErrProtocol, from, len(seen), nd.n))
+		return
+	}
+	nd.rep.mu.Lock()
+	defer nd.rep.mu.Unlock()
+	for k, c := range seen {
+		if k == from || k == nd.id {
+			continue
+		}
+		for nd.rep.recv[k] < c {
+			if nd.ctx.Err() != nil {
+				return
+			}
+			nd.rep.arrived.Wait()
+		}
+	}
+}
+
+// wakeDepsWaiters lets waitDeps see that the node is stopping.
+func (nd *Node) wakeDepsWaiters() {
+	go func() {
+		nd.rep.mu.Lock()
+		nd.rep.arrived.Broadcast()
+		nd.rep.mu.Unlock()
+	}()
 }
 
 // checkUnlinks stops the VM if words (changes of replicated table pfn)
@@ -345,8 +517,11 @@ func (nd *Node) serveReplica(idx int, e *dirEntry, r homeReq, grant *Msg) error 
 		if !rep.Flags.HasContent() {
 			return fmt.Errorf("%w: slice %d sent no content for replicated page %#x", ErrProtocol, src, grant.Page)
 		}
-		grant.Flags |= rep.Flags & (FlagData | FlagZero)
-		grant.Data = rep.Data
+		if len(rep.Seen) != nd.n {
+			return fmt.Errorf("%w: slice %d sent replicated page %#x with %d update counts for %d slices", ErrProtocol, src, grant.Page, len(rep.Seen), nd.n)
+		}
+		grant.Flags |= rep.Flags & (FlagData | FlagZero | FlagSeen)
+		grant.Data, grant.Seen = rep.Data, rep.Seen
 	}
 	return nil
 }
@@ -369,15 +544,16 @@ func (nd *Node) replicaContentLocked(idx int) (Msg, error) {
 		if err != nil {
 			return Msg{}, err
 		}
-		nd.addReplicaLocked(idx, snapshot(host))
+		nd.joinLocked(idx, snapshot(host), nil)
 	} else {
 		nd.publish()
 	}
 	nd.rep.mu.Lock()
 	data := append([]byte(nil), nd.rep.twins[idx]...)
+	seen := nd.seenLocked()
 	nd.rep.mu.Unlock()
 	nd.Stats.Fetches.Add(1)
-	return Msg{Type: MsgFetchReply, Flags: FlagData, Data: data}, nil
+	return Msg{Type: MsgFetchReply, Flags: FlagData | FlagSeen, Data: data, Seen: seen}, nil
 }
 
 // onReplicaGrant installs a replica: the content sent (as published by
@@ -391,7 +567,10 @@ func (nd *Node) onReplicaGrant(from, idx int, m *Msg) {
 	var twin []byte
 	switch {
 	case p.st == replica:
+		nd.endJoin(idx)
 		err = nd.u.Wake(uffd.Addr(host), PageSize) // a stale request
+	case m.Flags.HasContent() && (m.Flags&FlagSeen == 0 || len(m.Seen) != nd.n):
+		err = fmt.Errorf("%w: slice %d granted a replica of page %#x without the update counts of its content", ErrProtocol, from, m.Page)
 	case m.Flags.HasContent():
 		if p.mapped {
 			if err = uffd.DropPages(host); err == nil {
@@ -420,7 +599,11 @@ func (nd *Node) onReplicaGrant(from, idx int, m *Msg) {
 		err = fmt.Errorf("%w: slice %d granted a replica of page %#x without data to a slice holding none", ErrProtocol, from, m.Page)
 	}
 	if err == nil && twin != nil {
-		nd.addReplicaLocked(idx, append([]byte(nil), twin...))
+		var counts []uint64 // nil: this slice's own copy, which has every update it received
+		if m.Flags.HasContent() {
+			counts = m.Seen
+		}
+		nd.joinLocked(idx, append([]byte(nil), twin...), counts)
 	}
 	ch := p.inflight
 	p.inflight = nil

@@ -80,19 +80,23 @@ func TestPageTablePagesOfMicroGuest(t *testing.T) {
 func TestReplicatedTablesKeepExactOutcomes(t *testing.T) {
 	on := func(_ int, cfg *SliceConfig) { cfg.ReplicateTables = true }
 	for _, c := range coherenceCases {
-		t.Run(c.name, func(t *testing.T) {
-			iters := c.iters / 10
-			r := runInProcessWith(t, 2, c.ncpu, c.prog, iters, on)
-			for _, ck := range c.checks {
-				ck(t, c.ncpu, iters, r)
-			}
-			for i, s := range r.stats {
-				if s.Replicated == 0 {
-					t.Errorf("slice %d replicated no page: %v", i, r)
+		for _, slices := range []int{2, 3} {
+			// With 2 vCPUs the third slice runs none but is home to a
+			// third of the pages, so requests cross all three.
+			t.Run(fmt.Sprintf("%s/%dslices", c.name, slices), func(t *testing.T) {
+				iters := c.iters / 10
+				r := runInProcessWith(t, slices, c.ncpu, c.prog, iters, on)
+				for _, ck := range c.checks {
+					ck(t, c.ncpu, iters, r)
 				}
-			}
-			t.Logf("%s: %v", c.prog, r)
-		})
+				for i, s := range r.stats {
+					if s.Replicated == 0 && len(splitVCPUs(c.ncpu, slices)[i]) > 0 {
+						t.Errorf("slice %d runs vCPUs but replicated no page: %v", i, r)
+					}
+				}
+				t.Logf("%s: %v", c.prog, r)
+			})
+		}
 	}
 }
 
@@ -376,5 +380,76 @@ func TestReplicaConvergesUnderConcurrentWrites(t *testing.T) {
 	case err := <-failed:
 		t.Fatal(err)
 	default:
+	}
+}
+
+// TestDepsWaitForEarlierUpdates: with three slices, a message that
+// follows (causally) another slice's update must not be read before that
+// update has arrived. Node 2 gets node 1's deps frame naming one more
+// update of node 0's than it has received: node 1's connection must stall
+// until node 0's frame comes.
+func TestDepsWaitForEarlierUpdates(t *testing.T) {
+	p := newNodes(t, 3, nil)
+	nd := p.nodes[2]
+	const pfn = 0x42
+	done := make(chan struct{})
+	go func() {
+		nd.Deliver(1, &Msg{Type: MsgDeps, Seen: []uint64{1, 0, 0}})
+		close(done)
+	}()
+	select {
+	case <-done:
+		t.Fatal("the deps frame was passed before the update it names arrived")
+	case <-time.After(100 * time.Millisecond):
+	}
+	nd.Deliver(0, &Msg{Type: MsgUpdate, Page: pfn, Words: []WordUpdate{{Index: 1, Old: 0, New: 7}}})
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the deps frame still waits after the update it names arrived")
+	}
+	// A deps frame with the wrong number of slices is a protocol error.
+	failed := make(chan error, 1)
+	q := newNodes(t, 3, func(i int, err error) { failed <- err })
+	q.nodes[2].Deliver(1, &Msg{Type: MsgDeps, Seen: []uint64{1, 0}})
+	wantNodeFailure(t, failed, "2 update counts for 3 slices", "a malformed deps frame")
+}
+
+// TestJoinAppliesOnlyUpdatesTheContentLacks: updates that reach a slice
+// while its replica request is in flight are held; once the content
+// comes, those it includes (by its update counts) are skipped and the
+// others applied.
+func TestJoinAppliesOnlyUpdatesTheContentLacks(t *testing.T) {
+	p := newNodes(t, 3, nil)
+	nd := p.nodes[2]
+	const pfn = 0x43
+	nd.SetTables(func(q uint64) int {
+		if q == pfn {
+			return 1
+		}
+		return 0
+	})
+	idx, _ := nd.pageIndex(pfn)
+	nd.startJoin(idx)
+	// Node 0's first update is in the content; node 1's is not.
+	nd.Deliver(0, &Msg{Type: MsgUpdate, Page: pfn, Words: []WordUpdate{{Index: 5, Old: 0, New: 0x5000 | ptePresent}}})
+	nd.Deliver(1, &Msg{Type: MsgUpdate, Page: pfn, Words: []WordUpdate{{Index: 6, Old: 0, New: 0x6000 | ptePresent}}})
+	content := make([]byte, PageSize)
+	binary.LittleEndian.PutUint64(content[8*7:], 0x7000|ptePresent) // a change the content has from elsewhere
+	nd.onReplicaGrant(0, idx, &Msg{Type: MsgGrant, Page: pfn, Flags: FlagReplica | FlagData | FlagSeen, Data: content,
+		Seen: []uint64{1, 0, 0}})
+	host := nd.hostPage(idx)
+	for w, want := range map[int]uint64{5: 0, 6: 0x6000 | ptePresent, 7: 0x7000 | ptePresent} {
+		if got := loadWord(host, w); got != want {
+			t.Errorf("word %d = %#x, want %#x", w, got, want)
+		}
+	}
+	if nd.pages[idx].st != replica {
+		t.Errorf("page state %v after the replica grant, want replica", nd.pages[idx].st)
+	}
+	// Later updates apply directly.
+	nd.Deliver(0, &Msg{Type: MsgUpdate, Page: pfn, Words: []WordUpdate{{Index: 8, Old: 0, New: 0x8000 | ptePresent}}})
+	if got := loadWord(host, 8); got != 0x8000|ptePresent {
+		t.Errorf("word 8 = %#x after a later update, want %#x", got, 0x8000|ptePresent)
 	}
 }

@@ -44,11 +44,11 @@ type SliceConfig struct {
 	Hold time.Duration
 	// ReplicateTables replicates the guest's page-table pages instead of
 	// moving them (replica.go): the tables reachable from the local
-	// vCPUs' initial CR3. Two slices at most, for now.
+	// vCPUs' initial CR3.
 	ReplicateTables bool
 	// ReplicateKernelTables replicates a Linux guest's static page tables
 	// (kernelTablePages), found from a vCPU's CR3 once the guest starts
-	// its application processors. Two slices at most, for now.
+	// its application processors.
 	ReplicateKernelTables bool
 	// ProfileEvery, if set, samples the local vCPUs' guest RIP at this
 	// period (profile.go); the result is SliceResult.Profile.
@@ -225,9 +225,6 @@ func RunSlice(ctx context.Context, cfg SliceConfig) (SliceResult, error) {
 	}
 	if s.id < 0 || s.id >= s.n {
 		return SliceResult{}, fmt.Errorf("dsm: slice id %d not in 0..%d", s.id, s.n-1)
-	}
-	if (cfg.ReplicateTables || cfg.ReplicateKernelTables) && s.n > 2 {
-		return SliceResult{}, fmt.Errorf("dsm: replicated page tables need 2 slices at most, have %d (docs/dsm.md)", s.n)
 	}
 	s.ncpu, s.vcpus = ncpu, cfg.Placement[s.id]
 	if cfg.ProfileEvery > 0 {

@@ -12,17 +12,21 @@ import (
 // Length payload bytes. All integers are big-endian.
 //
 //	magic   uint32  "HVMD"
-//	version uint8   1
+//	version uint8   3
 //	type    uint8   MsgType
 //	flags   uint16  reserved, must be 0
 //	length  uint32  payload bytes (<= MaxPayload)
 //	reqID   uint64  request id; replies carry the request's id
 const (
-	Magic       = 0x48564D44 // "HVMD"
-	Version     = 2
-	HeaderSize  = 20
-	MaxPayload  = ioReqSize + PageSize // the largest: a string port write
-	PageSize    = 4096
+	Magic      = 0x48564D44 // "HVMD"
+	Version    = 3
+	HeaderSize = 20
+	PageSize   = 4096
+	// MaxSlices bounds a VM's slices (a directory copyset is a 64-bit set).
+	MaxSlices = 64
+	// MaxPayload: the largest payload, a replica's content with its
+	// source's update counts (FlagSeen).
+	MaxPayload  = pagePayloadSize + PageSize + 1 + 8*MaxSlices
 	NonceSize   = 32
 	MACSize     = 32
 	MaxVMIDLen  = 128
@@ -57,6 +61,7 @@ const (
 	MsgGrant       MsgType = 22 // home -> requester: access granted (with data if needed)
 	MsgReplicaReq  MsgType = 23 // requester -> home: want a writable replica of a page-table page
 	MsgUpdate      MsgType = 24 // replica holder -> the other slices: words it changed in a replica
+	MsgDeps        MsgType = 25 // -> a slice: apply these counts of other slices' updates before reading on
 	MsgShutdown    MsgType = 33 // slice 0 -> all: stop the VM
 	MsgShutdownAck MsgType = 34 // slice -> slice 0: stopping, will not need pages
 	MsgIOReq       MsgType = 40 // slice -> slice 0: a vCPU's port I/O or MMIO access, for the home's devices
@@ -72,7 +77,7 @@ var typeNames = map[MsgType]string{
 	MsgHello: "hello", MsgChallenge: "challenge", MsgProof: "proof", MsgWelcome: "welcome",
 	MsgError: "error", MsgHeartbeat: "heartbeat", MsgReadReq: "read-req", MsgWriteReq: "write-req",
 	MsgFetch: "fetch", MsgFetchReply: "fetch-reply", MsgInvalidate: "invalidate", MsgInvAck: "inv-ack",
-	MsgGrant: "grant", MsgReplicaReq: "replica-req", MsgUpdate: "update", MsgShutdown: "shutdown", MsgShutdownAck: "shutdown-ack",
+	MsgGrant: "grant", MsgReplicaReq: "replica-req", MsgUpdate: "update", MsgDeps: "deps", MsgShutdown: "shutdown", MsgShutdownAck: "shutdown-ack",
 	MsgIOReq: "io-req", MsgIOReply: "io-reply", MsgInterrupt: "interrupt", MsgEOI: "eoi", MsgAPICState: "apic-state",
 	MsgClockReq: "clock-req", MsgClockReply: "clock-reply",
 }
@@ -96,8 +101,11 @@ const (
 	// Fetch it asks the holder to turn its copy into one (docs/dsm.md,
 	// "Replicated page tables").
 	FlagReplica PageFlags = 1 << 4
+	// FlagSeen on a replica's content (fetch-reply, grant): Seen follows,
+	// how many update frames of each slice the content includes.
+	FlagSeen PageFlags = 1 << 5
 
-	knownPageFlags = FlagExclusive | FlagData | FlagZero | FlagWantData | FlagReplica
+	knownPageFlags = FlagExclusive | FlagData | FlagZero | FlagWantData | FlagReplica | FlagSeen
 )
 
 // HasContent reports whether the message carries page content (bytes or
@@ -158,6 +166,10 @@ type Msg struct {
 
 	// Update: the words of replica Page its sender changed.
 	Words []WordUpdate
+
+	// Seen, on Deps and on page messages with FlagSeen: a count of update
+	// frames per slice (index: slice id), 1..MaxSlices entries.
+	Seen []uint64
 }
 
 // WordUpdate is one changed 8-byte word of a replicated page: its index
@@ -172,7 +184,7 @@ const (
 	updateHeadSize = 10 // page, count
 	// MaxUpdateWords is how many words one Update frame carries; a
 	// larger diff is sent as several frames, in order.
-	MaxUpdateWords = (MaxPayload - updateHeadSize) / wordUpdateSize
+	MaxUpdateWords = 227
 	wordsPerPage   = PageSize / 8
 )
 
@@ -197,6 +209,17 @@ func AppendFrame(b []byte, m *Msg) ([]byte, error) {
 				return nil, fmt.Errorf("dsm: %v carries %d data bytes, want %d", m.Type, len(m.Data), PageSize)
 			}
 			b = append(b, m.Data...)
+		}
+		if m.Flags&FlagSeen != 0 {
+			var err error
+			if b, err = appendSeen(b, m); err != nil {
+				return nil, err
+			}
+		}
+	case m.Type == MsgDeps:
+		var err error
+		if b, err = appendSeen(b, m); err != nil {
+			return nil, err
 		}
 	case m.Type == MsgHello:
 		if len(m.VMID) == 0 || len(m.VMID) > MaxVMIDLen {
@@ -282,6 +305,34 @@ func AppendFrame(b []byte, m *Msg) ([]byte, error) {
 	}
 	binary.BigEndian.PutUint32(b[start+8:], uint32(len(b)-start-HeaderSize))
 	return b, nil
+}
+
+func appendSeen(b []byte, m *Msg) ([]byte, error) {
+	if len(m.Seen) == 0 || len(m.Seen) > MaxSlices {
+		return nil, fmt.Errorf("dsm: %v with %d update counts (1..%d)", m.Type, len(m.Seen), MaxSlices)
+	}
+	b = append(b, byte(len(m.Seen)))
+	for _, c := range m.Seen {
+		b = binary.BigEndian.AppendUint64(b, c)
+	}
+	return b, nil
+}
+
+// decodeSeen decodes a count byte and that many u64 update counts, which
+// must fill p.
+func decodeSeen(t MsgType, p []byte) ([]uint64, error) {
+	if len(p) < 1 {
+		return nil, protoErr("%v without update counts", t)
+	}
+	n := int(p[0])
+	if n == 0 || n > MaxSlices || len(p) != 1+8*n {
+		return nil, protoErr("%v with %d update counts in %d bytes", t, n, len(p))
+	}
+	seen := make([]uint64, n)
+	for i := range seen {
+		seen[i] = binary.BigEndian.Uint64(p[1+8*i:])
+	}
+	return seen, nil
 }
 
 // checkIOReq validates a forwarded access: a known space, an access width
@@ -379,9 +430,18 @@ func decodePayload(t MsgType, id uint64, p []byte) (Msg, error) {
 				return Msg{}, protoErr("%v with both data and zero flags", t)
 			}
 			want += PageSize
-			m.Data = p[pagePayloadSize:]
+			if len(p) < want {
+				return Msg{}, protoErr("%v payload of %d bytes, want %d", t, len(p), want)
+			}
+			m.Data = p[pagePayloadSize:want]
 		}
-		if len(p) != want {
+		if m.Flags&FlagSeen != 0 {
+			seen, err := decodeSeen(t, p[min(want, len(p)):])
+			if err != nil {
+				return Msg{}, err
+			}
+			m.Seen = seen
+		} else if len(p) != want {
 			return Msg{}, protoErr("%v payload of %d bytes, want %d", t, len(p), want)
 		}
 	case t == MsgHello:
@@ -492,6 +552,12 @@ func decodePayload(t MsgType, id uint64, p []byte) (Msg, error) {
 			}
 			m.Words[i] = w
 		}
+	case t == MsgDeps:
+		seen, err := decodeSeen(t, p)
+		if err != nil {
+			return Msg{}, err
+		}
+		m.Seen = seen
 	case t == MsgClockReply:
 		if len(p) != 16 {
 			return Msg{}, protoErr("clock-reply payload of %d bytes", len(p))

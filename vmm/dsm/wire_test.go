@@ -31,6 +31,10 @@ func sampleMsgs() []Msg {
 		{Type: MsgReplicaReq, ReqID: 15, Page: 1},
 		{Type: MsgGrant, ReqID: 15, Page: 1, Flags: FlagReplica | FlagData, Data: page},
 		{Type: MsgFetch, ReqID: 16, Page: 2, Flags: FlagReplica},
+		{Type: MsgFetchReply, ReqID: 16, Page: 2, Flags: FlagData | FlagSeen, Data: page, Seen: []uint64{4, 0, 1 << 40}},
+		{Type: MsgGrant, ReqID: 17, Page: 2, Flags: FlagReplica | FlagZero | FlagSeen, Seen: []uint64{0, 9}},
+		{Type: MsgDeps, Seen: []uint64{12, 0, 3}},
+		{Type: MsgDeps, Seen: make([]uint64, MaxSlices)},
 		{Type: MsgUpdate, Page: 3, Words: []WordUpdate{{Index: 0, Old: 0x2007, New: 0x2027}, {Index: 511, Old: 1 << 63, New: 0}}},
 		{Type: MsgIOReq, ReqID: 11, Addr: 0x3F8, VCPU: 3, Space: SpacePort, IOWrite: true, Size: 1, Count: 2, Data: []byte{'h', 'i'}},
 		{Type: MsgIOReq, ReqID: 12, Addr: 0xD0000004, VCPU: 1, Space: SpaceMMIO, Size: 4, Count: 1},
@@ -187,6 +191,42 @@ func TestUpdateRejects(t *testing.T) {
 		},
 	} {
 		b := mut(append([]byte(nil), good...))
+		if _, err := DecodeFrame(b); !errors.Is(err, ErrProtocol) {
+			t.Errorf("%s: DecodeFrame: %v, want ErrProtocol", name, err)
+		}
+	}
+}
+
+func TestSeenRejects(t *testing.T) {
+	for _, m := range []Msg{
+		{Type: MsgDeps},
+		{Type: MsgDeps, Seen: make([]uint64, MaxSlices+1)},
+		{Type: MsgGrant, Page: 1, Flags: FlagReplica | FlagZero | FlagSeen},
+	} {
+		if _, err := AppendFrame(nil, &m); err == nil {
+			t.Errorf("encoded %v with %d update counts", m.Type, len(m.Seen))
+		}
+	}
+	deps, _ := AppendFrame(nil, &Msg{Type: MsgDeps, Seen: []uint64{1, 2}})
+	grant, _ := AppendFrame(nil, &Msg{Type: MsgGrant, Page: 1, Flags: FlagReplica | FlagData | FlagSeen, Data: make([]byte, PageSize), Seen: []uint64{5}})
+	for name, tc := range map[string]struct {
+		good []byte
+		mut  func([]byte) []byte
+	}{
+		"deps count says 3":    {deps, func(b []byte) []byte { b[HeaderSize] = 3; return b }},
+		"deps count says 0":    {deps, func(b []byte) []byte { b[HeaderSize] = 0; return b }},
+		"deps count says 65":   {deps, func(b []byte) []byte { b[HeaderSize] = MaxSlices + 1; return b }},
+		"deps a byte missing":  {deps, func(b []byte) []byte { b = b[:len(b)-1]; b[11]--; return b }},
+		"grant counts missing": {grant, func(b []byte) []byte { b = b[:len(b)-9]; b[11] -= 9; return b }},
+		"grant data cut short": {grant, func(b []byte) []byte {
+			b = b[:HeaderSize+pagePayloadSize+100]
+			b[10], b[11] = 0, pagePayloadSize+100
+			return b
+		}},
+		"grant count says 2":  {grant, func(b []byte) []byte { b[len(b)-9] = 2; return b }},
+		"grant trailing byte": {grant, func(b []byte) []byte { b = append(b, 0); b[11]++; return b }},
+	} {
+		b := tc.mut(append([]byte(nil), tc.good...))
 		if _, err := DecodeFrame(b); !errors.Is(err, ErrProtocol) {
 			t.Errorf("%s: DecodeFrame: %v, want ErrProtocol", name, err)
 		}

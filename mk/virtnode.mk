@@ -3,7 +3,7 @@
 #   make e2e           the virt-node tier alone (boots QEMU TCG nodes)
 #   make bench         boot-time benchmark in a virt node -> docs/benchmarks.md
 #   make e2e E2E_RUN=TestBoot/minimal-pvh-1cpu   one test (go test -run syntax)
-#   make e2e-dsm-linux Linux across `hpcvm slice` processes in one node (issue 7; opt-in)
+#   make e2e-dsm-linux Linux across `hpcvm slice` processes, in one node and on 2 nodes (issue 7; opt-in)
 #   make e2e-reset-rate  guest resets in nodes, hpcvm vs QEMU microvm (TF_KERNEL, TF_RUNS)
 
 # Debian packages the harness needs on the host (installed by virtnode-deps
@@ -36,7 +36,7 @@ e2e: build node-assets guest-kernel guest-cloud-kernel guest-initramfs
 
 e2e-dsm-linux: build node-assets guest-kernel guest-initramfs
 	HPCVM_E2E_REQUIRE=1 HPCVM_BIN=$(BIN)/hpcvm $(GO) test -tags 'e2e dsmlinux' -count=1 -v \
-		-timeout 30m -run 'TestLinuxAcrossSlices' ./test/e2e/
+		-timeout 90m -run 'TestLinuxAcrossSlices|TestSlicesAcrossNodes' ./test/e2e/
 
 bench: build node-assets guest-kernel guest-initramfs
 	HPCVM_E2E_REQUIRE=1 HPCVM_BIN=$(BIN)/hpcvm HPCVM_BENCH_DOC=$(CURDIR)/docs/benchmarks.md \

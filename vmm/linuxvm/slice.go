@@ -55,6 +55,7 @@ func RunSlice(ctx context.Context, sc SliceConfig) (dsm.SliceResult, error) {
 		if cfg.Cmdline, err = withTSCFrequency(cfg.Cmdline); err != nil {
 			return dsm.SliceResult{}, err
 		}
+		cfg.Cmdline = withSpreadSettings(cfg.Cmdline)
 	} else if err := cfg.validateMem(); err != nil {
 		return dsm.SliceResult{}, err
 	}
@@ -126,6 +127,29 @@ func withTSCFrequency(cmdline string) (string, error) {
 		return "", fmt.Errorf("the TSC frequency for the guest: %w", err)
 	}
 	return fmt.Sprintf("%s tsc_early_khz=%d", cmdline, khz), nil
+}
+
+// spreadSettings are kernel command-line settings for a guest spread over
+// slices, each found by measuring where such a guest's boot spends its
+// page hand-offs (docs/dsm.md, "Linux guests"). The user's own value of a
+// parameter wins.
+var spreadSettings = []struct{ param, value string }{
+	// 256 legacy BSD ptys mean 512 character devices registered at boot,
+	// each a devtmpfs node made by kdevtmpfsd, a kernel thread the
+	// scheduler runs on whichever vCPU is idle: in a spread guest, the
+	// other slice's. Nothing uses them (Unix98 ptys are /dev/pts).
+	{"pty.legacy_count", "0"},
+}
+
+// withSpreadSettings appends the spreadSettings the command line does not
+// set.
+func withSpreadSettings(cmdline string) string {
+	for _, s := range spreadSettings {
+		if !strings.Contains(" "+cmdline, " "+s.param+"=") {
+			cmdline += " " + s.param + "=" + s.value
+		}
+	}
+	return cmdline
 }
 
 // CheckBootPlacement checks what a Linux guest adds to dsm.CheckPlacement:

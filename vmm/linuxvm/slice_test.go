@@ -48,3 +48,13 @@ func TestWithTSCFrequencyAppendsKVMsRate(t *testing.T) {
 		t.Fatalf("got %q, want the command line plus tsc_early_khz=<KVM's TSC kHz>", got)
 	}
 }
+
+func TestWithSpreadSettings(t *testing.T) {
+	if got := withSpreadSettings("console=ttyS0"); got != "console=ttyS0 pty.legacy_count=0" {
+		t.Errorf("withSpreadSettings appended %q", got)
+	}
+	// The user's value wins.
+	if got := withSpreadSettings("pty.legacy_count=4 quiet"); got != "pty.legacy_count=4 quiet" {
+		t.Errorf("withSpreadSettings(user's value) = %q, want it unchanged", got)
+	}
+}

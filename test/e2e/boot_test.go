@@ -182,6 +182,11 @@ func bootOnce(t *testing.T, r guestvm.Runner, bin string, kc kernelCase, cpus in
 	res, err := p.Wait(wctx)
 	wcancel()
 	run, perr := guestvm.Parse(res)
+	if err != nil || vsockErr != "" {
+		// A node whose kernel died under the guest may write the VMM's
+		// exit status before its console shows the panic.
+		time.Sleep(2 * time.Second)
+	}
 	if ok, why := r.Node.Healthy(); !ok {
 		return run, vsockErr, why
 	}

@@ -166,7 +166,8 @@ func runRetrying(t *testing.T, r guestvm.Runner, vm guestvm.VM, vmm guestvm.VMM,
 		return r.Run(ctx, vm, vmm, marker)
 	}
 	run, err := attempt()
-	if err == nil || !(errors.Is(err, context.DeadlineExceeded) || errors.Is(err, virtnode.ErrNodeHung) || !r.Node.Alive()) {
+	healthy, _ := r.Node.Healthy()
+	if err == nil || !(errors.Is(err, context.DeadlineExceeded) || errors.Is(err, virtnode.ErrNodeHung) || !healthy) {
 		return run, err
 	}
 	t.Logf("attempt 1 failed; booting once more (docs/testing.md: failures seen in virt nodes)\n%v", err)

@@ -582,7 +582,29 @@ func (n *Node) Healthy() (bool, string) {
 	if hung, age := n.Hung(); hung {
 		return false, fmt.Sprintf("%s hung: its agent's last heartbeat is %v old", n.Name, age.Round(time.Second))
 	}
+	if line := n.KernelCrash(); line != "" {
+		return false, fmt.Sprintf("%s's kernel crashed: %s", n.Name, line)
+	}
 	return true, ""
+}
+
+// kernelCrashMarks start the lines a Linux kernel prints when it oopses or
+// panics. A node whose own kernel did either is not to be trusted even
+// while its QEMU still runs: the panic takes a moment to end QEMU, and a
+// VMM's KVM_RUN may already have failed because of the oops.
+var kernelCrashMarks = []string{"Kernel panic - not syncing", "Oops:", "BUG: ", "general protection fault"}
+
+// KernelCrash returns the first console line of the node's current boot
+// that reports a kernel oops or panic, or "".
+func (n *Node) KernelCrash() string {
+	for _, l := range strings.Split(n.Console(), "\n") {
+		for _, m := range kernelCrashMarks {
+			if i := strings.Index(l, m); i >= 0 {
+				return strings.TrimSpace(l[i:])
+			}
+		}
+	}
+	return ""
 }
 
 // ErrNodeHung is returned (wrapped) by Proc.Wait when the node hangs.

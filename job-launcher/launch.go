@@ -30,6 +30,9 @@ type Options struct {
 	Console    string // --vm-console: keep the guest console here
 	DiskMode   string // DiskModeCopy (default) or DiskModeShared
 	GuestDir   string // where the script is staged and run in the guest (default GuestDir)
+	// GuestCPUDir is the guest's sysfs CPU directory (default
+	// /sys/devices/system/cpu; tests with a fake guest change it).
+	GuestCPUDir string
 	Batch      bool   // the task is a batch script (argv[0] is staged into the guest)
 	Argv       []string
 	VMM        []string // the VMM command of the slices (Plan.VMM)
@@ -101,6 +104,9 @@ func (l *Launcher) Run(ctx context.Context) int {
 	}
 	if l.Opts.GuestDir == "" {
 		l.Opts.GuestDir = GuestDir
+	}
+	if l.Opts.GuestCPUDir == "" {
+		l.Opts.GuestCPUDir = "/sys/devices/system/cpu"
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -178,6 +184,16 @@ func (l *Launcher) Run(ctx context.Context) int {
 	bootCancel()
 	l.Log.Info("guest agent ready")
 
+	if plan.Slices != nil {
+		// A spread guest boots on the home slice's vCPUs only (maxcpus=,
+		// docs/dsm.md, "Linux guests"): bring the other nodes' vCPUs up
+		// before the job starts, so it sees them all.
+		start := time.Now()
+		if err := l.guestRoot(ctx, guest.Agent(), "sh", "-c", onlineScript, "online", l.Opts.GuestCPUDir); err != nil {
+			return l.failf("bringing the other nodes' vCPUs online: %v", err)
+		}
+		l.Log.Info("vCPUs online", "cpus", plan.VM.CPUs, "took", time.Since(start).Round(time.Millisecond))
+	}
 	if plan.VM.DiskMode == DiskModeShared {
 		// Read-only root: give the job a writable /tmp.
 		if err := l.guestRoot(ctx, guest.Agent(), "mount", "-t", "tmpfs", "-o", "mode=1777,size=50%", "tmpfs", "/tmp"); err != nil {
@@ -223,6 +239,14 @@ func (l *Launcher) Run(ctx context.Context) int {
 		}
 	}
 }
+
+// onlineScript brings every offline CPU under the sysfs CPU directory $1
+// online, failing on the first that does not come up.
+const onlineScript = `set -e
+for f in "$1"/cpu[0-9]*/online; do
+	[ -e "$f" ] || continue
+	[ "$(cat "$f")" = 1 ] || echo 1 > "$f"
+done`
 
 // guestRoot runs a preparation command in the guest as root.
 func (l *Launcher) guestRoot(ctx context.Context, agent *client.Client, argv ...string) error {

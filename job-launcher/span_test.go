@@ -73,6 +73,18 @@ func TestSliceArgs(t *testing.T) {
 func TestSpanNodesBuildsDistributedPlan(t *testing.T) {
 	e := newEnv(t, []string{"true"}, false, Wish{Image: "img"})
 	e.l.Opts.Span = SpanNodes
+	// The guest's vCPUs beyond the home slice's are offline after boot.
+	cpuDir := t.TempDir()
+	for cpu, online := range []string{"1", "1", "0", "0"} {
+		d := filepath.Join(cpuDir, fmt.Sprintf("cpu%d", cpu))
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(d, "online"), []byte(online+"\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	e.l.Opts.GuestCPUDir = cpuDir
 	e.l.Opts.SliceVMM = []string{"/bin/hpcvm", "slice"}
 	e.l.NodeAddrs = func(_ context.Context, nodes []string) ([]string, error) {
 		if !slices.Equal(nodes, []string{"n1", "n2"}) {
@@ -90,6 +102,11 @@ func TestSpanNodesBuildsDistributedPlan(t *testing.T) {
 		!slices.Equal(p.Slices.Addrs, []string{fmt.Sprintf("10.0.0.1:%d", port), fmt.Sprintf("10.0.0.2:%d", port)}) ||
 		!slices.Equal(p.SliceVMM, []string{"/bin/hpcvm", "slice"}) || len(p.Secret) != 32 {
 		t.Fatalf("plan slices %+v, slice VMM %q, secret %d bytes", p.Slices, p.SliceVMM, len(p.Secret))
+	}
+	for cpu := range 4 {
+		if b, err := os.ReadFile(filepath.Join(cpuDir, fmt.Sprintf("cpu%d", cpu), "online")); err != nil || strings.TrimSpace(string(b)) != "1" {
+			t.Errorf("cpu%d online = %q (%v) after boot, want 1", cpu, b, err)
+		}
 	}
 	enc, err := p.Encode()
 	if err != nil {

@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -55,7 +56,7 @@ func RunSlice(ctx context.Context, sc SliceConfig) (dsm.SliceResult, error) {
 		if cfg.Cmdline, err = withTSCFrequency(cfg.Cmdline); err != nil {
 			return dsm.SliceResult{}, err
 		}
-		cfg.Cmdline = withSpreadSettings(cfg.Cmdline)
+		cfg.Cmdline = withSpreadSettings(cfg.Cmdline, len(sc.Placement[0]), ncpu)
 	} else if err := cfg.validateMem(); err != nil {
 		return dsm.SliceResult{}, err
 	}
@@ -142,12 +143,23 @@ var spreadSettings = []struct{ param, value string }{
 }
 
 // withSpreadSettings appends the spreadSettings the command line does not
-// set.
-func withSpreadSettings(cmdline string) string {
-	for _, s := range spreadSettings {
-		if !strings.Contains(" "+cmdline, " "+s.param+"=") {
-			cmdline += " " + s.param + "=" + s.value
+// set, and, when other slices run vCPUs too (homeCPUs < cpus),
+// maxcpus=homeCPUs: the kernel then boots on the home slice's vCPUs alone,
+// with no page traffic between slices, and leaves the others present but
+// offline for the guest to bring up once booted (the test /init and the
+// launcher do; docs/dsm.md, "Linux guests"). A boot spread from the start
+// took longer than 30 minutes in virt nodes. The user's own maxcpus= wins.
+func withSpreadSettings(cmdline string, homeCPUs, cpus int) string {
+	set := func(param, value string) {
+		if !strings.Contains(" "+cmdline, " "+param+"=") {
+			cmdline += " " + param + "=" + value
 		}
+	}
+	for _, s := range spreadSettings {
+		set(s.param, s.value)
+	}
+	if homeCPUs < cpus {
+		set("maxcpus", strconv.Itoa(homeCPUs))
 	}
 	return cmdline
 }

@@ -50,11 +50,20 @@ func TestWithTSCFrequencyAppendsKVMsRate(t *testing.T) {
 }
 
 func TestWithSpreadSettings(t *testing.T) {
-	if got := withSpreadSettings("console=ttyS0"); got != "console=ttyS0 pty.legacy_count=0" {
-		t.Errorf("withSpreadSettings appended %q", got)
-	}
-	// The user's value wins.
-	if got := withSpreadSettings("pty.legacy_count=4 quiet"); got != "pty.legacy_count=4 quiet" {
-		t.Errorf("withSpreadSettings(user's value) = %q, want it unchanged", got)
+	for _, c := range []struct {
+		cmdline        string
+		homeCPUs, cpus int
+		want           string
+	}{
+		{"console=ttyS0", 2, 2, "console=ttyS0 pty.legacy_count=0"},
+		// vCPUs on other slices: boot on the home slice's only.
+		{"console=ttyS0", 1, 3, "console=ttyS0 pty.legacy_count=0 maxcpus=1"},
+		// The user's values win.
+		{"pty.legacy_count=4 quiet", 2, 2, "pty.legacy_count=4 quiet"},
+		{"maxcpus=3 quiet", 1, 3, "maxcpus=3 quiet pty.legacy_count=0"},
+	} {
+		if got := withSpreadSettings(c.cmdline, c.homeCPUs, c.cpus); got != c.want {
+			t.Errorf("withSpreadSettings(%q, %d, %d) = %q, want %q", c.cmdline, c.homeCPUs, c.cpus, got, c.want)
+		}
 	}
 }

@@ -58,15 +58,18 @@ const (
 	hugeFrame     = 0x000F_FFFF_FFE0_0000
 )
 
-// kernelTablePages returns a Linux guest's kernel page tables if cr3 is
-// the kernel's own address space (init_top_pgt: its root lies inside the
-// kernel image, whose extent it reads off the kernel mapping — PML4 entry
-// 511, PDPT entry 510's 2 MiB pages): the root and every table under the
-// kernel half of the address space (the image's own static tables, the
-// direct map's, vmemmap's, vmalloc's and the fixmap's), at most limit
-// pages. Linux shares these with every process and, in practice, never
-// frees them; publish stops the VM if the guest unlinks one anyway. It
-// returns nothing for another address space.
+// kernelTablePages returns a Linux guest's kernel page tables, read from
+// the address space rooted at cr3: every table under the kernel half
+// (PML4 entries 256-511: the image's own static tables, the direct map's,
+// vmemmap's, vmalloc's and the fixmap's, which every process shares), and
+// the root itself if it is the kernel's own (init_top_pgt: it lies inside
+// the kernel image, whose extent is read off the kernel mapping, PML4
+// entry 511 -> PDPT entry 510; after boot Linux splits some of the image's
+// 2 MiB pages into 4 KiB ones, so both are looked at). A process's root is
+// left out: processes' tables are freed and reused as data. At most limit
+// pages. Linux never frees the kernel half's tables in practice; publish
+// stops the VM if the guest unlinks one anyway. It returns nothing for an
+// address space without the kernel mapping.
 func kernelTablePages(mem memory.Guest, cr3 uint64, limit int) (TableSet, error) {
 	entry := func(table uint64, i int) (uint64, error) {
 		var b [8]byte
@@ -85,17 +88,32 @@ func kernelTablePages(mem memory.Guest, cr3 uint64, limit int) (TableSet, error)
 		return nil, err
 	}
 	pd := e & pteFrame
-	inImage := false
+	mapped, inImage := false, false
 	for i := 0; i < wordsPerPage && !inImage; i++ {
 		if e, err = entry(pd, i); err != nil {
 			return nil, err
 		}
-		inImage = e&ptePresent != 0 && e&huge != 0 && e&hugeFrame == root&hugeFrame
+		switch {
+		case e&ptePresent == 0:
+			continue
+		case e&huge != 0:
+			inImage = e&hugeFrame == root&hugeFrame
+		default: // split into 4 KiB pages: the entry for root's offset
+			var pte uint64
+			if pte, err = entry(e&pteFrame, int(root/PageSize)%wordsPerPage); err != nil {
+				return nil, nil // the table is not in RAM: not a kernel mapping
+			}
+			inImage = pte&ptePresent != 0 && pte&pteFrame == root
+		}
+		mapped = true
 	}
-	if !inImage {
-		return nil, nil // a process's root: not the kernel's own
+	if !mapped {
+		return nil, nil // no kernel image mapped: not a Linux kernel's tables
 	}
-	set := TableSet{root / PageSize: 4}
+	set := TableSet{}
+	if inImage {
+		set[root/PageSize] = 4
+	}
 	for i := kernelHalf; i < wordsPerPage; i++ {
 		if e, err = entry(root, i); err != nil {
 			return nil, err

@@ -671,10 +671,12 @@ const kernelTablesEvery = 2 * time.Second
 
 // classifyKernelTables, on a vCPU's thread at an exit once the guest
 // starts its application processors (ReplicateKernelTables), and again
-// every kernelTablesEvery, reads the vCPU's CR3 and, if it is the
-// kernel's own (its root lies in the kernel image: init_top_pgt, as on
-// idle and kernel threads), replicates every table of the kernel half
-// not replicated yet. Before the guest starts other CPUs its boot tables
+// every kernelTablesEvery, reads the vCPU's CR3 and replicates every
+// table of its kernel half not replicated yet, and its root too if that
+// is the kernel's own (init_top_pgt; see kernelTablePages). A process's
+// CR3 will do for the kernel half: a guest whose application processors
+// start after boot (maxcpus=) may never exit on init_top_pgt on the boot
+// processor's slice, lazy TLB keeping a process's tables loaded. Before the guest starts other CPUs its boot tables
 // (early_top_pgt, freed after boot) may still be in use: hence the wait
 // for a startup IPI.
 func (s *sliceRun) classifyKernelTables(c *kvm.VCPU) error {
@@ -691,8 +693,8 @@ func (s *sliceRun) classifyKernelTables(c *kvm.VCPU) error {
 		return nil
 	}
 	set, err := kernelTablePages(s.node, sregs.CR3, maxTablePages)
-	if err != nil || set[(sregs.CR3&pteFrame)/PageSize] == 0 {
-		return nil // not the kernel's address space (yet): try at a later exit
+	if err != nil || len(set) == 0 {
+		return nil // no kernel mapping (yet): try at a later exit
 	}
 	s.ktNext.Store(monotonicNow() + int64(kernelTablesEvery))
 	all := maps.Clone(s.ktSet)

@@ -280,8 +280,25 @@ func TestKernelTablePages(t *testing.T) {
 			t.Errorf("kernel tables %v: %#x should be level %d", set, pfn*PageSize, l)
 		}
 	}
-	if set, err = kernelTablePages(mem, process, 100); err != nil || len(set) != 0 {
-		t.Errorf("from a process's root: %v, %v; want nothing (not the kernel's address space)", set, err)
+	// A process's root shares the kernel half; the root itself is left out.
+	set, err = kernelTablePages(mem, process, 100)
+	if err != nil || len(set) != 5 || set[l3/PageSize] != 3 || set[l2/PageSize] != 2 || set[fixPD/PageSize] != 2 ||
+		set[fixPT/PageSize] != 1 || set[lateL1/PageSize] != 1 {
+		t.Errorf("from a process's root: %v, %v; want the kernel half under entry 511 and not the root", set, err)
+	}
+	// After boot Linux splits some of the image's 2 MiB pages (the one
+	// holding init_top_pgt among them): the root is still recognized.
+	const split = 0x1B00000 // a page table mapping 26..28 MiB in 4 KiB pages
+	put(l2, root>>21, split|tbl)
+	for i := range wordsPerPage {
+		put(split, i, (root&hugeFrame)+uint64(i)*PageSize|tbl)
+	}
+	if set, err = kernelTablePages(mem, root, 100); err != nil || set[root/PageSize] != 4 || set[split/PageSize] != 1 {
+		t.Errorf("with the image's 2 MiB page split: %v, %v; want the root (level 4) and the split table (level 1)", set, err)
+	}
+	// An address space without the kernel mapping gives nothing.
+	if set, err = kernelTablePages(mem, 0x7100000, 100); err != nil || len(set) != 0 {
+		t.Errorf("from an empty root: %v, %v; want nothing", set, err)
 	}
 }
 

@@ -56,6 +56,9 @@ type Config struct {
 	Legacy acpi.Legacy
 	// Devices are the virtio-mmio devices described in the DSDT.
 	Devices []acpi.MMIODevice
+	// NUMA, if set, lists the vCPUs of each NUMA node; RAM is shared out
+	// among the nodes in address order (ACPI SRAT and SLIT).
+	NUMA [][]int
 }
 
 // Protocol is how the kernel is entered.
@@ -267,7 +270,11 @@ func (l *loader) writeCmdline(max uint64) error {
 
 // writeACPI writes the ACPI tables and returns the RSDP address.
 func (l *loader) writeACPI() (uint64, error) {
-	return acpi.Write(l.mem, acpi.Config{CPUs: l.cfg.CPUs, Legacy: l.cfg.Legacy, Devices: l.cfg.Devices})
+	nodes, err := numaNodes(l.cfg.RAM, l.cfg.NUMA)
+	if err != nil {
+		return 0, err
+	}
+	return acpi.Write(l.mem, acpi.Config{CPUs: l.cfg.CPUs, Legacy: l.cfg.Legacy, Devices: l.cfg.Devices, NUMA: nodes})
 }
 
 // E820 memory types (also used by the PVH memory map).

@@ -61,6 +61,9 @@ type Config struct {
 	Logger    *slog.Logger
 	// OnUserspace is called once when the guest writes the boot timer.
 	OnUserspace func(sinceStart string)
+	// NUMA, if set, lists the vCPUs of each NUMA node the guest is told
+	// of (a VM spread over slices: one node per slice; RunSlice sets it).
+	NUMA [][]int
 }
 
 // Validate checks the configuration and names the first problem found.
@@ -158,7 +161,7 @@ func newLoader(cfg *Config, legacy acpi.Legacy) *loader {
 	for i := 0; i < nvirtio; i++ {
 		acpiDevs = append(acpiDevs, acpi.MMIODevice{Addr: layout.VirtioMMIOAddr(i), Size: layout.VirtioMMIOSize, IRQ: layout.VirtioIRQ(i)})
 	}
-	return &loader{cfg: boot.Config{KernelPath: cfg.Kernel, InitrdPath: cfg.Initrd, Cmdline: strings.TrimSpace(cfg.Cmdline), Legacy: legacy, Devices: acpiDevs}}
+	return &loader{cfg: boot.Config{KernelPath: cfg.Kernel, InitrdPath: cfg.Initrd, Cmdline: strings.TrimSpace(cfg.Cmdline), Legacy: legacy, Devices: acpiDevs, NUMA: cfg.NUMA}}
 }
 
 // loader adapts vmm/boot to machine.Loader.

@@ -57,6 +57,7 @@ func RunSlice(ctx context.Context, sc SliceConfig) (dsm.SliceResult, error) {
 			return dsm.SliceResult{}, err
 		}
 		cfg.Cmdline = withSpreadSettings(cfg.Cmdline, len(sc.Placement[0]), ncpu)
+		cfg.NUMA = numaBySlice(sc.Placement)
 	} else if err := cfg.validateMem(); err != nil {
 		return dsm.SliceResult{}, err
 	}
@@ -162,6 +163,24 @@ func withSpreadSettings(cmdline string, homeCPUs, cpus int) string {
 		set("maxcpus", strconv.Itoa(homeCPUs))
 	}
 	return cmdline
+}
+
+// numaBySlice describes each slice that runs vCPUs as a NUMA node of the
+// guest (nil if only one does): Linux then keeps forked, exec'd and woken
+// tasks on their slice and moves running ones across only when the load
+// is unbalanced (acpi.RemoteDistance), and allocates a task's memory from
+// its own node's share of RAM (docs/dsm.md, "Linux guests").
+func numaBySlice(placement [][]int) [][]int {
+	var nodes [][]int
+	for _, cpus := range placement {
+		if len(cpus) > 0 {
+			nodes = append(nodes, cpus)
+		}
+	}
+	if len(nodes) < 2 {
+		return nil
+	}
+	return nodes
 }
 
 // CheckBootPlacement checks what a Linux guest adds to dsm.CheckPlacement:

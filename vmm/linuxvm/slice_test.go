@@ -2,6 +2,7 @@ package linuxvm
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"regexp"
 	"strings"
@@ -64,6 +65,22 @@ func TestWithSpreadSettings(t *testing.T) {
 	} {
 		if got := withSpreadSettings(c.cmdline, c.homeCPUs, c.cpus); got != c.want {
 			t.Errorf("withSpreadSettings(%q, %d, %d) = %q, want %q", c.cmdline, c.homeCPUs, c.cpus, got, c.want)
+		}
+	}
+}
+
+func TestNUMABySlice(t *testing.T) {
+	for _, c := range []struct {
+		placement [][]int
+		want      string
+	}{
+		{[][]int{{0, 1}}, "[]"},
+		{[][]int{{0}, {}}, "[]"}, // one slice runs every vCPU
+		{[][]int{{0, 2}, {1}}, "[[0 2] [1]]"},
+		{[][]int{{0}, {}, {1, 2}}, "[[0] [1 2]]"}, // a slice without vCPUs is no node
+	} {
+		if got := fmt.Sprint(numaBySlice(c.placement)); got != c.want {
+			t.Errorf("numaBySlice(%v) = %s, want %s", c.placement, got, c.want)
 		}
 	}
 }

@@ -1,7 +1,8 @@
 // Package acpi builds the guest's ACPI tables: RSDP, RSDT/XSDT, a full
 // (not hardware-reduced) FADT with PM1a event/control blocks and a FACS, a
 // DSDT with \_S5_ (so poweroff reaches the VMM through PM1a_CNT) and the
-// virtio-mmio devices, and a MADT listing the vCPUs and the IOAPIC. The tables are written at layout.ACPITablesAddr, inside the BIOS
+// virtio-mmio devices, a MADT listing the vCPUs and the IOAPIC and, for a
+// NUMA guest, an SRAT and a SLIT. The tables are written at layout.ACPITablesAddr, inside the BIOS
 // area Linux scans for the RSDP.
 package acpi
 
@@ -43,6 +44,9 @@ type Config struct {
 	// ("LNRO0005"), the way guests without virtio_mmio.device= on their
 	// command line (Debian's kernels among them) discover them.
 	Devices []MMIODevice
+	// NUMA, if set, describes the guest's NUMA nodes (SRAT and SLIT);
+	// every vCPU must be in one node.
+	NUMA []NUMANode
 }
 
 // Table signatures and identification.
@@ -63,6 +67,9 @@ func Build(cfg Config, base uint64) ([]byte, error) {
 	}
 	if base%16 != 0 || base+layout.ACPITablesSize > 1<<32 {
 		return nil, fmt.Errorf("ACPI tables base %#x is not 16-byte aligned below 4 GiB", base)
+	}
+	if err := checkNUMA(cfg.NUMA, cfg.CPUs); err != nil {
+		return nil, err
 	}
 	dsdt, err := dsdt(cfg.Devices)
 	if err != nil {
@@ -89,6 +96,9 @@ func Build(cfg Config, base uint64) ([]byte, error) {
 	fadtAddr := place(fadt(cfg.Legacy, dsdtAddr, facsAddr))
 	madtAddr := place(madt)
 	tables := []uint64{fadtAddr, madtAddr}
+	if len(cfg.NUMA) > 0 {
+		tables = append(tables, place(srat(cfg.NUMA)), place(slit(len(cfg.NUMA))))
+	}
 	xsdtAddr := place(xsdt(tables))
 	rsdtAddr := place(rsdt(tables))
 	copy(blob, rsdp(rsdtAddr, xsdtAddr))

@@ -43,7 +43,10 @@ type testDisk struct {
 
 // makeDisk builds the image on the host (mkfs.ext4 -d) in a temp dir; the
 // node sees it at the same path through its read-only host root.
-func makeDisk(t *testing.T) testDisk {
+func makeDisk(t *testing.T) testDisk { return makeDiskWith(t, nil) }
+
+// makeDiskWith is makeDisk with more files in the disk's root.
+func makeDiskWith(t *testing.T, extra map[string][]byte) testDisk {
 	t.Helper()
 	if _, err := exec.LookPath("mkfs.ext4"); err != nil {
 		guestvm.Need(t, "/sbin/mkfs.ext4") // skips/fails with the reason
@@ -65,6 +68,11 @@ func makeDisk(t *testing.T) testDisk {
 	}
 	for name, content := range files {
 		if err := os.WriteFile(filepath.Join(root, name), []byte(content), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for name, content := range extra {
+		if err := os.WriteFile(filepath.Join(root, name), content, 0o755); err != nil {
 			t.Fatal(err)
 		}
 	}

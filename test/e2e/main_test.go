@@ -60,6 +60,7 @@ func node(t *testing.T) guestvm.Runner {
 			return
 		}
 		shared.runner = guestvm.Runner{Node: c.Nodes[0], VMTool: tool}
+		shared.err = reloadKVM(ctx, c.Nodes[0])
 	})
 	if shared.err != nil {
 		t.Fatalf("virt node: %v", shared.err)
@@ -173,4 +174,19 @@ func runRetrying(t *testing.T, r guestvm.Runner, vm guestvm.VM, vmm guestvm.VMM,
 	t.Logf("attempt 1 failed; booting once more (docs/testing.md: failures seen in virt nodes)\n%v", err)
 	healthyNode(t)
 	return attempt()
+}
+
+// reloadKVM reloads the node's kvm_amd with the options in
+// HPCVM_E2E_KVM_AMD, if set (e.g. npt=0: the node's KVM shadows its
+// guests' page tables instead of nesting them; docs/dsm.md).
+func reloadKVM(ctx context.Context, n *virtnode.Node) error {
+	opts := os.Getenv("HPCVM_E2E_KVM_AMD")
+	if opts == "" {
+		return nil
+	}
+	r, err := n.Run(ctx, "set -e; rmmod kvm_amd; modprobe kvm_amd "+opts)
+	if err == nil && r.ExitCode != 0 {
+		err = fmt.Errorf("reloading kvm_amd %s: exit %d: %s", opts, r.ExitCode, r.Stderr)
+	}
+	return err
 }

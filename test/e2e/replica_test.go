@@ -8,7 +8,6 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
-	"os"
 	"strconv"
 	"strings"
 	"testing"
@@ -31,10 +30,8 @@ func sliceDir(t *testing.T, ctx context.Context, nodes ...*virtnode.Node) string
 	for _, n := range nodes {
 		n.MustRun(t, ctx, fmt.Sprintf("set -e; umask 077; mkdir -p %[1]s; echo %[2]s | base64 -d > %[1]s/key",
 			dir, base64.StdEncoding.EncodeToString(key)))
-		if opts := os.Getenv("HPCVM_E2E_KVM_AMD"); opts != "" {
-			// e.g. npt=0: the node's KVM shadows the guest's page tables
-			// instead of nesting them (docs/dsm.md, "Linux guests").
-			n.MustRun(t, ctx, "set -e; rmmod kvm_amd; modprobe kvm_amd "+opts+"; grep -H . /sys/module/kvm_amd/parameters/npt")
+		if err := reloadKVM(ctx, n); err != nil {
+			t.Fatal(err)
 		}
 		t.Cleanup(func() { n.Run(context.Background(), "rm -rf "+dir) })
 	}

@@ -3,12 +3,16 @@
 package e2e
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"regexp"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -49,7 +53,7 @@ func TestLinuxAcrossSlices(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			healthyNode(t)
-			runSlices(t, []*virtnode.Node{r.Node}, bin, art, disk, tc.placement, 4*time.Minute)
+			runSlices(t, []*virtnode.Node{r.Node}, bin, art, disk, tc.placement, 4*time.Minute, "/check.sh")
 		})
 	}
 }
@@ -65,7 +69,7 @@ func holdArgs() []string {
 
 // runSlices runs the test Linux guest as one slice per placement group,
 // slice i on nodes[i%len(nodes)]; slice 0's node keeps the console.
-func runSlices(t *testing.T, nodes []*virtnode.Node, bin string, art guestvm.Artifacts, disk testDisk, placement string, limit time.Duration) {
+func runSlices(t *testing.T, nodes []*virtnode.Node, bin string, art guestvm.Artifacts, disk testDisk, placement string, limit time.Duration, script string) {
 	// HPCVM_E2E_SLICE_TIMEOUT overrides limit, which bounds each case:
 	// across slices in virt nodes every page hand-off costs milliseconds
 	// (docs/dsm.md).
@@ -88,7 +92,7 @@ func runSlices(t *testing.T, nodes []*virtnode.Node, bin string, art guestvm.Art
 	}
 	dir := sliceDir(t, ctx, nodes...)
 	peers := slicePeers(nodes, len(groups), 7600)
-	cmdline := guestvm.BaseCmdline + " hpcvm.disk=ro hpcvm.test=/check.sh"
+	cmdline := guestvm.BaseCmdline + " hpcvm.disk=ro hpcvm.test=" + script
 	if extra := os.Getenv("HPCVM_E2E_CMDLINE_EXTRA"); extra != "" {
 		cmdline += " " + extra // e.g. loglevel=7 when debugging
 	}
@@ -147,6 +151,9 @@ func runSlices(t *testing.T, nodes []*virtnode.Node, bin string, art guestvm.Art
 	if !strings.Contains(console, "SHA256 "+disk.sha256) {
 		failed = true
 		t.Errorf("the guest did not print the disk checksum (virtio-blk on the home slice)")
+	}
+	if script == spreadScript && !checkParsum(t, console, groups) {
+		failed = true
 	}
 	if !strings.Contains(console, "reboot: Power down") {
 		failed = true
@@ -222,7 +229,7 @@ func TestSlicesAcrossNodes(t *testing.T) {
 	bin := mustHPCVM(t)
 	art := guestvm.FindArtifacts()
 	guestvm.Need(t, art.Vmlinux, art.TestInitramfs)
-	disk := makeDisk(t)
+	disk := makeDiskWith(t, spreadFiles(t))
 	ctx, cancel := context.WithTimeout(context.Background(), 45*time.Minute)
 	defer cancel()
 	c, err := virtnode.Start(ctx, virtnode.Config{Nodes: 2, CPUs: 1, MemMiB: 1024, Logf: t.Logf})
@@ -252,7 +259,7 @@ func TestSlicesAcrossNodes(t *testing.T) {
 		}
 	})
 	t.Run("linux", func(t *testing.T) {
-		runSlices(t, c.Nodes, bin, art, disk, "0/1", 30*time.Minute)
+		runSlices(t, c.Nodes, bin, art, disk, "0/1", 30*time.Minute, spreadScript)
 	})
 }
 
@@ -281,4 +288,68 @@ func nodeRTT(t *testing.T, ctx context.Context, c *virtnode.Cluster) int64 {
 	}
 	t.Logf("4 KiB TCP round trip between the nodes: median %d µs, p99 %d µs", r.MedianUS, r.P99US)
 	return r.MedianUS
+}
+
+// spreadScript is the test script of a guest spread over nodes: the disk
+// checksum, then guest/parsum, a pthreads program with one thread per
+// online vCPU (HPCVM_E2E_PARSUM_N iterations in all, default 2e8), allowed
+// on every vCPU (/init pins itself to the boot vCPUs).
+const spreadScript = "/spread.sh"
+
+// spreadFiles builds guest/parsum (static) and returns it and spreadScript
+// for the guest's disk.
+func spreadFiles(t *testing.T) map[string][]byte {
+	t.Helper()
+	_, file, _, _ := runtime.Caller(0)
+	bin := filepath.Join(t.TempDir(), "parsum")
+	src := filepath.Join(filepath.Dir(file), "..", "..", "guest", "parsum", "parsum.c")
+	if out, err := exec.Command("gcc", "-O2", "-static", "-pthread", "-o", bin, src).CombinedOutput(); err != nil {
+		t.Fatalf("building parsum (gcc, static glibc: apt-get install gcc libc6-dev): %v\n%s", err, out)
+	}
+	b, err := os.ReadFile(bin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := cmp.Or(os.Getenv("HPCVM_E2E_PARSUM_N"), "200000000")
+	script := "set -e\nsum=$(sha256sum /disk/data.bin)\necho \"SHA256 ${sum%% *}\"\ntaskset -c 0-$(($(nproc --all)-1)) /disk/parsum -n " + n + "\n"
+	return map[string][]byte{"parsum": b, strings.TrimPrefix(spreadScript, "/"): []byte(script)}
+}
+
+// checkParsum checks parsum's line on the console: the exact sum, one
+// thread per vCPU, and threads seen on the vCPUs of every slice that runs
+// any (from inside the guest: sched_getcpu). It logs the run time.
+func checkParsum(t *testing.T, console string, groups [][]int) bool {
+	t.Helper()
+	m := regexp.MustCompile(`PARSUM threads=(\d+) .* ok=(\d) cpus=(\S+) seconds=(\S+)`).FindStringSubmatch(console)
+	if m == nil {
+		t.Errorf("the guest printed no PARSUM line")
+		return false
+	}
+	cpus := 0
+	seen := map[int]bool{}
+	for i, g := range groups {
+		cpus += len(g)
+		for _, c := range strings.Split(m[3], ",") {
+			if n, err := strconv.Atoi(c); err == nil && slices.Contains(g, n) {
+				seen[i] = true
+			}
+		}
+	}
+	want := 0
+	for _, g := range groups {
+		if len(g) > 0 {
+			want++
+		}
+	}
+	ok := true
+	if m[1] != strconv.Itoa(cpus) || m[2] != "1" {
+		t.Errorf("parsum: %s threads, ok=%s; want %d threads and the exact sum", m[1], m[2], cpus)
+		ok = false
+	}
+	if len(seen) != want {
+		t.Errorf("parsum's threads ran on CPUs %s: slices %v of %d", m[3], seen, want)
+		ok = false
+	}
+	t.Logf("parsum: %s threads on CPUs %s (slices %v) in %s s", m[1], m[3], seen, m[4])
+	return ok
 }

@@ -4,6 +4,7 @@
 #   make spank-test   the plugin's fast e2e test (namespaced slurmd nodes on this host, no VMs)
 #   make lab-up / lab-status / lab-down   a Slurm cluster of virt nodes (hpcvm lab)
 #   make e2e-slurm-vm  the real-guest Slurm job test (opt-in: minutes under TCG)
+#   make e2e-slurm-span  sbatch -N 2 and -N 3 with span=nodes: one guest over all nodes (opt-in, slow)
 #   make bench-slurm   submit-to-first-output latency -> docs/benchmarks.md
 #   make demo         the README's main job: sbatch -N 2 --vm-image=debian12 examples/hello.sbatch
 SLURM_APT := slurmctld slurmd slurm-client munge libslurm-dev slurmdbd mariadb-server
@@ -13,7 +14,7 @@ SPANK_HDR := $(wildcard slurm-spank/*.h)
 SPANK_CFLAGS ?= -O2 -g -Wall -Wextra -Werror -std=gnu11 -D_GNU_SOURCE
 LAB_DIR ?= $(HPCVM_CACHE)/lab
 
-.PHONY: slurm-deps spank spank-test e2e-slurm-vm lab-up lab-status lab-down demo bench-slurm
+.PHONY: slurm-deps spank spank-test e2e-slurm-vm e2e-slurm-span lab-up lab-status lab-down demo bench-slurm
 
 slurm-deps:
 	@missing=""; for p in $(SLURM_APT); do \
@@ -55,6 +56,10 @@ spank-test: slurm-deps spank build
 e2e-slurm-vm: slurm-deps spank build node-assets image-debian12
 	HPCVM_E2E_REQUIRE=1 HPCVM_IMAGE_STORE=$(IMAGE_STORE) HPCVM_BIN=$(BIN)/hpcvm \
 		$(GO) test -tags 'e2e slurmvm' -count=1 -v -timeout 40m -run 'TestVirtLabDebian12Job' ./test/lab/
+
+e2e-slurm-span: slurm-deps spank build agent node-assets guest-kernel guest-initramfs
+	HPCVM_E2E_REQUIRE=1 HPCVM_BIN=$(BIN)/hpcvm \
+		$(GO) test -tags 'e2e slurmspan' -count=1 -v -timeout 120m -run 'TestVirtLabSpanJob' ./test/lab/
 
 # demo: the README's main job on a fresh machine (everything it needs is a
 # prerequisite; see test/lab/demo): a 2-node lab, sbatch -N 2

@@ -9,7 +9,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -189,7 +188,7 @@ func TestRun(t *testing.T) {
 	})
 
 	tinyStore := nodeRunDir + "/tiny-store"
-	n.MustRun(t, ctx, fmt.Sprintf("set -e; cp -r %s %s; chmod -R a+rX %s", guestvm.Quote([]string{makeTinyStore(t)}), tinyStore, tinyStore))
+	n.MustRun(t, ctx, fmt.Sprintf("set -e; cp -r %s %s; chmod -R a+rX %s", guestvm.Quote([]string{guestvm.TinyStore(t, nil)}), tinyStore, tinyStore))
 	tiny := []string{hpcvm, "run", "--store", tinyStore, "--image", "tiny", "--cpus", "1", "--mem", "256MiB"}
 
 	t.Run("tiny-exit0-stdin-root", func(t *testing.T) {
@@ -360,90 +359,4 @@ func fakeStore(t *testing.T) string {
 func consoleTail(ctx context.Context, n *virtnode.Node, c *runCase) string {
 	res, _ := n.Run(ctx, "tail -n 30 "+c.dir+"/console.log")
 	return c.name + ": guest console (last lines):\n" + res.Stdout
-}
-
-// tinyInit is PID 1 of the tiny image: mounts, then the agent, then reap.
-const tinyInit = `#!/bin/sh
-export PATH=/bin:/sbin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev 2>/dev/null
-mount -t tmpfs tmpfs /tmp
-exec </dev/console >/dev/console 2>&1
-echo "HPCVM agent-init"
-/bin/hpcvm-agent &
-while :; do wait; sleep 1; done
-`
-
-// makeTinyStore publishes the image "tiny" into a new store on the host and
-// returns the store's directory: the minimal guest kernel (PVH vmlinux),
-// the test initramfs with a second archive appended that adds the real
-// hpcvm-agent and /agent-init (rdinit=), and a small empty disk. It boots
-// in seconds where the Debian image takes minutes.
-func makeTinyStore(t *testing.T) string {
-	t.Helper()
-	art := guestvm.FindArtifacts()
-	agent := os.Getenv("HPCVM_AGENT")
-	if agent == "" {
-		agent = filepath.Join(filepath.Dir(guestvm.HPCVMBin()), "hpcvm-agent")
-	}
-	guestvm.Need(t, art.Vmlinux, art.TestInitramfs, agent)
-	dir := t.TempDir()
-	stage := filepath.Join(dir, "stage")
-	if err := os.MkdirAll(filepath.Join(stage, "bin"), 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err := copyFile(agent, filepath.Join(stage, "bin", "hpcvm-agent")); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(stage, "agent-init"), []byte(tinyInit), 0o755); err != nil {
-		t.Fatal(err)
-	}
-	extra := filepath.Join(dir, "extra.cpio.gz")
-	cmd := exec.Command("sh", "-c", "find . -mindepth 1 | sort | cpio -o -H newc -R 0:0 --quiet | gzip -1 >"+extra)
-	cmd.Dir = stage
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("cpio: %v\n%s", err, out)
-	}
-	st, err := images.OpenStore(filepath.Join(dir, "store"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.MkdirAll(st.Path("tiny", ""), 0o755); err != nil {
-		t.Fatal(err)
-	}
-	base, err := os.ReadFile(art.TestInitramfs)
-	if err != nil {
-		t.Fatal(err)
-	}
-	more, err := os.ReadFile(extra)
-	if err != nil {
-		t.Fatal(err)
-	}
-	kernel, err := os.ReadFile(art.Vmlinux)
-	if err != nil {
-		t.Fatal(err)
-	}
-	files := map[string][]byte{
-		images.KernelFile: kernel,
-		images.InitrdFile: append(base, more...), // the kernel unpacks concatenated archives in order
-		images.DiskFile:   make([]byte, 1<<20),
-	}
-	m := images.Manifest{Schema: images.ManifestSchema, Name: "tiny", Version: "e2e", BuildKey: "e2e-tiny",
-		Cmdline: guestvm.BaseCmdline + " rdinit=/agent-init", AgentPort: 1024, Created: time.Now()}
-	for _, f := range []string{images.DiskFile, images.KernelFile, images.InitrdFile} {
-		if err := os.WriteFile(st.Path("tiny", f), files[f], 0o644); err != nil {
-			t.Fatal(err)
-		}
-		sum := sha256.Sum256(files[f])
-		m.Artifacts = append(m.Artifacts, images.Artifact{Name: f, Size: int64(len(files[f])), SHA256: hex.EncodeToString(sum[:])})
-	}
-	b, err := json.Marshal(m)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(st.Path("tiny", images.ManifestFile), b, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	return st.Dir
 }

@@ -8,7 +8,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"runtime"
@@ -296,23 +295,12 @@ func nodeRTT(t *testing.T, ctx context.Context, c *virtnode.Cluster) int64 {
 // on every vCPU (/init pins itself to the boot vCPUs).
 const spreadScript = "/spread.sh"
 
-// spreadFiles builds guest/parsum (static) and returns it and spreadScript
-// for the guest's disk.
+// spreadFiles returns guest/parsum and spreadScript for the guest's disk.
 func spreadFiles(t *testing.T) map[string][]byte {
 	t.Helper()
-	_, file, _, _ := runtime.Caller(0)
-	bin := filepath.Join(t.TempDir(), "parsum")
-	src := filepath.Join(filepath.Dir(file), "..", "..", "guest", "parsum", "parsum.c")
-	if out, err := exec.Command("gcc", "-O2", "-static", "-pthread", "-o", bin, src).CombinedOutput(); err != nil {
-		t.Fatalf("building parsum (gcc, static glibc: apt-get install gcc libc6-dev): %v\n%s", err, out)
-	}
-	b, err := os.ReadFile(bin)
-	if err != nil {
-		t.Fatal(err)
-	}
 	n := cmp.Or(os.Getenv("HPCVM_E2E_PARSUM_N"), "200000000")
 	script := "set -e\nsum=$(sha256sum /disk/data.bin)\necho \"SHA256 ${sum%% *}\"\ntaskset -c 0-$(($(nproc --all)-1)) /disk/parsum -n " + n + "\n"
-	return map[string][]byte{"parsum": b, strings.TrimPrefix(spreadScript, "/"): []byte(script)}
+	return map[string][]byte{"parsum": guestvm.Parsum(t), strings.TrimPrefix(spreadScript, "/"): []byte(script)}
 }
 
 // checkParsum checks parsum's line on the console: the exact sum, one

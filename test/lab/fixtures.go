@@ -17,7 +17,7 @@ import (
 // cgroup limits.
 const LabPolicy = `# hpcvm lab site policy (test/lab)
 [defaults]
-images.allow = ["debian12", "fake", "fake-*"]
+images.allow = ["debian12", "tiny", "fake", "fake-*"]
 
 [defaults.limits]
 max_nodes = 8

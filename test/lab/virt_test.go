@@ -15,6 +15,13 @@ import (
 
 func startVirtT(t *testing.T, nodes int) *VirtCluster {
 	t.Helper()
+	return startVirtWith(t, VirtOptions{Nodes: nodes, ImageStore: imageStore()})
+}
+
+// startVirtWith starts a virt lab with o's node count, shape, image store
+// and plugin arguments; the rest (directory, policy, binaries) is set here.
+func startVirtWith(t *testing.T, o VirtOptions) *VirtCluster {
+	t.Helper()
 	RequireHost(t)
 	if err := virtnode.Prerequisites(); err != nil {
 		Require(t, err.Error())
@@ -29,8 +36,8 @@ func startVirtT(t *testing.T, nodes int) *VirtCluster {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), virtnode.BootTimeout+2*time.Minute)
 	defer cancel()
-	c, err := StartVirt(ctx, VirtOptions{Nodes: nodes, Dir: dir, Hpcvm: HpcvmBin(), SpankSO: SpankSO(),
-		PolicyDir: filepath.Join(dir, "policy"), ImageStore: imageStore(), Logf: t.Logf})
+	o.Dir, o.Hpcvm, o.SpankSO, o.PolicyDir, o.Logf = dir, HpcvmBin(), SpankSO(), filepath.Join(dir, "policy"), t.Logf
+	c, err := StartVirt(ctx, o)
 	if err != nil {
 		t.Fatalf("StartVirt: %v", err)
 	}
@@ -86,5 +93,29 @@ func TestVirtLabUp(t *testing.T) {
 	}
 	if !strings.Contains(r.Stdout, "rc=1") || !strings.Contains(r.Stderr, `refused by rule "no-forbidden"`) {
 		t.Errorf("policy violation not refused by sbatch: %s", r)
+	}
+}
+
+// noHpcvmLeft checks that no hpcvm process (launcher, slice, VMM) is left
+// on any node once a job has ended.
+func noHpcvmLeft(t *testing.T, ctx context.Context, c *VirtCluster) {
+	t.Helper()
+	for i := range c.Nodes {
+		var left string
+		// Slurm reaps the step's processes right after the job state
+		// changes: give it a few seconds.
+		for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(time.Second) {
+			r, err := c.NodeRun(ctx, i, "ps -eo args | grep -E '^(/[^ ]*/)?hpcvm ' || true")
+			if err != nil {
+				t.Errorf("node %d: %v", i+1, err)
+				return
+			}
+			if left = strings.TrimSpace(r.Stdout); left == "" || time.Now().After(deadline) {
+				break
+			}
+		}
+		if left != "" {
+			t.Errorf("node %d: hpcvm processes left: %q", i+1, left)
+		}
 	}
 }

@@ -1,0 +1,170 @@
+//go:build e2e && slurmspan
+
+package lab
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hpcvm/hpcvm/test/guestvm"
+)
+
+// TestVirtLabSpanJob is the promise of a spread VM, end to end through
+// Slurm (docs/dsm.md, docs/slurm.md): with the plugin's span=nodes,
+// `sbatch -N M --vm-image=tiny` on M one-CPU virt nodes boots ONE guest
+// whose vCPUs are the CPUs of all M nodes (one slice per node, started by
+// srun). The job script, run inside it, prints nproc and /proc/cpuinfo's
+// count (= M) and runs guest/parsum, an unmodified pthreads program with
+// one thread per vCPU: its sum is exact and, seen from inside the guest,
+// its threads ran on vCPUs of every slice. Then scancel while the script
+// runs, and a slice killed on the last node: the job ends (CANCELLED,
+// FAILED naming the slice) and no hpcvm process is left on any node.
+// The tiny image (test kernel and busybox with the real agent, parsum in
+// /bin) boots in seconds; everything across the nodes is slow in virt
+// nodes (docs/dsm.md, "Status"). Opt-in: make e2e-slurm-span.
+func TestVirtLabSpanJob(t *testing.T) {
+	store := guestvm.TinyStore(t, map[string][]byte{"bin/parsum": guestvm.Parsum(t)})
+	if out, err := exec.Command("chmod", "-R", "a+rX", filepath.Dir(store)).CombinedOutput(); err != nil {
+		t.Fatalf("chmod: %v %s", err, out)
+	}
+	counts := []int{2, 3}
+	if v := os.Getenv("HPCVM_E2E_SPAN_NODES"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 2 {
+			t.Fatalf("HPCVM_E2E_SPAN_NODES=%q: want a node count >= 2", v)
+		}
+		counts = []int{n}
+	}
+	for _, nodes := range counts {
+		t.Run(fmt.Sprintf("%dnodes", nodes), func(t *testing.T) {
+			c := startVirtWith(t, VirtOptions{Nodes: nodes, CPUs: 1, MemMiB: 1536, ImageStore: store,
+				Plugstack: []string{"span=nodes"}})
+			ctx := testCtx(t, 40*time.Minute)
+			work := filepath.Join(c.Dir, "work")
+			spanJob(t, ctx, c, work, nodes)
+			if nodes == 2 || len(counts) == 1 {
+				spanCancel(t, ctx, c, work)
+				spanSliceKilled(t, ctx, c, work, nodes)
+			}
+		})
+	}
+}
+
+// spanJob runs the parsum job across all nodes and checks its output.
+func spanJob(t *testing.T, ctx context.Context, c *VirtCluster, work string, nodes int) {
+	script := filepath.Join(work, "span.sh")
+	n := os.Getenv("HPCVM_E2E_PARSUM_N")
+	if n == "" {
+		n = "100000000"
+	}
+	os.WriteFile(script, []byte("#!/bin/sh\necho nproc=$(nproc) cpuinfo=$(grep -c ^processor /proc/cpuinfo)\nparsum -n "+n+"\n"), 0o755)
+	out, errf := filepath.Join(work, "span.out"), filepath.Join(work, "span.err")
+	start := time.Now()
+	id, _, err := Submit(ctx, c, fmt.Sprintf("sbatch -N %d --vm-image=tiny --vm-console=%s/span-console.log -o %s -e %s %s", nodes, work, out, errf, script))
+	if err != nil {
+		t.Fatal(err)
+	}
+	j, err := WaitJob(ctx, c, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	o, _ := os.ReadFile(out)
+	e, _ := os.ReadFile(errf)
+	t.Logf("job %s: %s %s after %v\nstdout:\n%s", id, j.State, j.ExitCode, time.Since(start).Round(time.Second), o)
+	if j.State != "COMPLETED" || j.ExitCode != "0:0" {
+		t.Logf("guest console, last lines:\n%s", tail(filepath.Join(work, "span-console.log"), 40))
+		t.Fatalf("job %s: %s %s, want COMPLETED 0:0\nstderr:\n%s", id, j.State, j.ExitCode, e)
+	}
+	if want := fmt.Sprintf("nproc=%d cpuinfo=%d\n", nodes, nodes); !strings.HasPrefix(string(o), want) {
+		t.Errorf("stdout starts %q, want %q", o, want)
+	}
+	m := regexp.MustCompile(`PARSUM threads=(\d+) .* ok=1 cpus=(\S+) seconds=(\S+)`).FindStringSubmatch(string(o))
+	if m == nil {
+		t.Fatalf("no PARSUM line with ok=1 in the job's output")
+	}
+	// One vCPU per node: vCPU i runs on slice i, i.e. on node i+1.
+	if m[1] != strconv.Itoa(nodes) || m[2] != cpuList(nodes) {
+		t.Errorf("parsum: %s threads on CPUs %s; want %d threads and every vCPU (%s), one per slice", m[1], m[2], nodes, cpuList(nodes))
+	}
+	t.Logf("parsum across %d nodes: %s s", nodes, m[3])
+	noHpcvmLeft(t, ctx, c)
+}
+
+func cpuList(n int) string {
+	var l []string
+	for i := range n {
+		l = append(l, strconv.Itoa(i))
+	}
+	return strings.Join(l, ",")
+}
+
+// spanStarted submits a spanning job that prints "started" and sleeps, and
+// waits until the script runs in the guest.
+func spanStarted(t *testing.T, ctx context.Context, c *VirtCluster, work, name string, nodes int) (id, out, errf string) {
+	t.Helper()
+	script := filepath.Join(work, name+".sh")
+	os.WriteFile(script, []byte("#!/bin/sh\ntrap 'echo got-TERM; exit 143' TERM\necho started\nsleep 600 & wait\n"), 0o755)
+	out, errf = filepath.Join(work, name+".out"), filepath.Join(work, name+".err")
+	id, _, err := Submit(ctx, c, fmt.Sprintf("sbatch -N %d --vm-image=tiny -o %s -e %s %s", nodes, out, errf, script))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for {
+		if b, _ := os.ReadFile(out); strings.Contains(string(b), "started") {
+			return id, out, errf
+		}
+		if j, _ := ShowJob(ctx, c, id); Finished(j.State) {
+			e, _ := os.ReadFile(errf)
+			t.Fatalf("job %s ended (%s %s) before its script started\nstderr:\n%s", id, j.State, j.ExitCode, e)
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("job %s: the script did not start: %v", id, ctx.Err())
+		case <-time.After(time.Second):
+		}
+	}
+}
+
+// spanCancel: scancel while the script runs in the spread guest.
+func spanCancel(t *testing.T, ctx context.Context, c *VirtCluster, work string) {
+	id, out, errf := spanStarted(t, ctx, c, work, "span-cancel", len(c.Nodes))
+	if r, err := c.Client(ctx, "scancel "+id); err != nil || r.ExitCode != 0 {
+		t.Fatalf("scancel %s: %v %s", id, err, r)
+	}
+	j, err := WaitJob(ctx, c, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if o, _ := os.ReadFile(out); j.State != "CANCELLED" || !strings.Contains(string(o), "got-TERM") {
+		e, _ := os.ReadFile(errf)
+		t.Errorf("job %s: %s, stdout %q; want CANCELLED and the guest command's got-TERM\nstderr:\n%s", id, j.State, o, e)
+	}
+	noHpcvmLeft(t, ctx, c)
+}
+
+// spanSliceKilled: the slice on the last node is killed (SIGKILL) while
+// the script runs; the job fails with an error naming the slice, and
+// nothing is left on any node.
+func spanSliceKilled(t *testing.T, ctx context.Context, c *VirtCluster, work string, nodes int) {
+	id, _, errf := spanStarted(t, ctx, c, work, "span-killed", nodes)
+	if r, err := c.NodeRun(ctx, nodes-1, "pkill -KILL -f 'hpcvm slice'"); err != nil || r.ExitCode != 0 {
+		t.Fatalf("killing the slice on node %d: %v %s", nodes, err, r)
+	}
+	j, err := WaitJob(ctx, c, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e, _ := os.ReadFile(errf)
+	if j.State != "FAILED" || !strings.Contains(string(e), fmt.Sprintf("slice %d", nodes-1)) {
+		t.Errorf("job %s: %s %s, stderr %q; want FAILED with an error naming slice %d", id, j.State, j.ExitCode, e, nodes-1)
+	}
+	noHpcvmLeft(t, ctx, c)
+}

@@ -56,7 +56,7 @@ func RunSlice(ctx context.Context, sc SliceConfig) (dsm.SliceResult, error) {
 		if cfg.Cmdline, err = withTSCFrequency(cfg.Cmdline); err != nil {
 			return dsm.SliceResult{}, err
 		}
-		cfg.Cmdline = withSpreadSettings(cfg.Cmdline, len(sc.Placement[0]), ncpu)
+		cfg.Cmdline = withSpreadSettings(cfg.Cmdline, sc.Placement)
 		cfg.NUMA = numaBySlice(sc.Placement)
 	} else if err := cfg.validateMem(); err != nil {
 		return dsm.SliceResult{}, err
@@ -144,13 +144,21 @@ var spreadSettings = []struct{ param, value string }{
 }
 
 // withSpreadSettings appends the spreadSettings the command line does not
-// set, and, when other slices run vCPUs too (homeCPUs < cpus),
-// maxcpus=homeCPUs: the kernel then boots on the home slice's vCPUs alone,
-// with no page traffic between slices, and leaves the others present but
-// offline for the guest to bring up once booted (the test /init and the
-// launcher do; docs/dsm.md, "Linux guests"). A boot spread from the start
-// took longer than 30 minutes in virt nodes. The user's own maxcpus= wins.
-func withSpreadSettings(cmdline string, homeCPUs, cpus int) string {
+// set and, when other slices run vCPUs too:
+//   - maxcpus=<home slice's vCPUs> (if they are vCPUs 0..k-1, as the
+//     launcher places them): the kernel boots on the home slice alone, with
+//     no page traffic between slices, and leaves the others present but
+//     offline for the guest to bring up once booted (the test /init and the
+//     launcher do). A boot spread from the start took longer than 30
+//     minutes in virt nodes.
+//   - nohz_full=<the other slices' vCPUs>: the timekeeping duty stays on
+//     the home slice (with plain NO_HZ it moves to whichever vCPU ticks
+//     while the holder idles, and jiffies and the timekeeper then move
+//     between slices every tick), and a remote vCPU running one task stops
+//     its tick. Kernels without CONFIG_NO_HZ_FULL ignore it.
+//
+// The user's own values win (docs/dsm.md, "Linux guests").
+func withSpreadSettings(cmdline string, placement [][]int) string {
 	set := func(param, value string) {
 		if !strings.Contains(" "+cmdline, " "+param+"=") {
 			cmdline += " " + param + "=" + value
@@ -159,10 +167,39 @@ func withSpreadSettings(cmdline string, homeCPUs, cpus int) string {
 	for _, s := range spreadSettings {
 		set(s.param, s.value)
 	}
-	if homeCPUs < cpus {
-		set("maxcpus", strconv.Itoa(homeCPUs))
+	var others []int
+	for _, cpus := range placement[1:] {
+		others = append(others, cpus...)
 	}
+	if len(others) == 0 {
+		return cmdline
+	}
+	home := slices.Sorted(slices.Values(placement[0]))
+	if home[len(home)-1] == len(home)-1 {
+		set("maxcpus", strconv.Itoa(len(home)))
+	}
+	set("nohz_full", cpuList(others))
 	return cmdline
+}
+
+// cpuList formats CPU ids the way the kernel's cpulist parameters take
+// them: sorted, runs as ranges ("1-3,7").
+func cpuList(cpus []int) string {
+	c := slices.Sorted(slices.Values(cpus))
+	var parts []string
+	for i := 0; i < len(c); {
+		j := i
+		for j+1 < len(c) && c[j+1] == c[j]+1 {
+			j++
+		}
+		if j > i {
+			parts = append(parts, fmt.Sprintf("%d-%d", c[i], c[j]))
+		} else {
+			parts = append(parts, strconv.Itoa(c[i]))
+		}
+		i = j + 1
+	}
+	return strings.Join(parts, ",")
 }
 
 // numaBySlice describes each slice that runs vCPUs as a NUMA node of the

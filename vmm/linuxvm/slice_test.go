@@ -52,19 +52,24 @@ func TestWithTSCFrequencyAppendsKVMsRate(t *testing.T) {
 
 func TestWithSpreadSettings(t *testing.T) {
 	for _, c := range []struct {
-		cmdline        string
-		homeCPUs, cpus int
-		want           string
+		cmdline   string
+		placement [][]int
+		want      string
 	}{
-		{"console=ttyS0", 2, 2, "console=ttyS0 pty.legacy_count=0"},
-		// vCPUs on other slices: boot on the home slice's only.
-		{"console=ttyS0", 1, 3, "console=ttyS0 pty.legacy_count=0 maxcpus=1"},
+		{"console=ttyS0", [][]int{{0, 1}}, "console=ttyS0 pty.legacy_count=0"},
+		{"console=ttyS0", [][]int{{0, 1}, {}}, "console=ttyS0 pty.legacy_count=0"},
+		// vCPUs on other slices: boot on the home slice's only; the others
+		// run tickless when they can.
+		{"console=ttyS0", [][]int{{0}, {1}, {2, 3}}, "console=ttyS0 pty.legacy_count=0 maxcpus=1 nohz_full=1-3"},
+		{"console=ttyS0", [][]int{{0, 1}, {5, 2}, {3, 7}}, "console=ttyS0 pty.legacy_count=0 maxcpus=2 nohz_full=2-3,5,7"},
+		// The home slice's vCPUs are not 0..k-1: maxcpus cannot say so.
+		{"console=ttyS0", [][]int{{0, 2}, {1}}, "console=ttyS0 pty.legacy_count=0 nohz_full=1"},
 		// The user's values win.
-		{"pty.legacy_count=4 quiet", 2, 2, "pty.legacy_count=4 quiet"},
-		{"maxcpus=3 quiet", 1, 3, "maxcpus=3 quiet pty.legacy_count=0"},
+		{"pty.legacy_count=4 quiet", [][]int{{0, 1}}, "pty.legacy_count=4 quiet"},
+		{"maxcpus=3 nohz_full=2 quiet", [][]int{{0}, {1, 2}}, "maxcpus=3 nohz_full=2 quiet pty.legacy_count=0"},
 	} {
-		if got := withSpreadSettings(c.cmdline, c.homeCPUs, c.cpus); got != c.want {
-			t.Errorf("withSpreadSettings(%q, %d, %d) = %q, want %q", c.cmdline, c.homeCPUs, c.cpus, got, c.want)
+		if got := withSpreadSettings(c.cmdline, c.placement); got != c.want {
+			t.Errorf("withSpreadSettings(%q, %v) = %q, want %q", c.cmdline, c.placement, got, c.want)
 		}
 	}
 }

@@ -45,6 +45,7 @@ type sliceOpts struct {
 	timeout   time.Duration
 	hold      time.Duration  // coherence hold window (dsm.NodeConfig.Hold)
 	replicate bool           // replicated page tables (docs/dsm.md)
+	numa      bool           // each slice a NUMA node of the guest (--numa)
 	profile   time.Duration  // RIP sampling period (0: off)
 	stopSig   syscall.Signal // --stop-signal (0: SIGINT and SIGTERM stop the slice)
 	stopped   func() (os.Signal, bool)
@@ -133,7 +134,7 @@ type sliceFlags struct {
 	builtin, program, timeout, hold, stopSignal     *string
 	profile                                         *string
 	results                                         addrList
-	verbose, replicateTables                        *bool
+	verbose, replicateTables, numa                  *bool
 	kernel, initrd, cmdline, vsock, console         *string
 	disks                                           diskFlags
 	cid                                             *uint64
@@ -164,6 +165,7 @@ func newSliceFlags() *sliceFlags {
 	f.hold = fs.String("hold", "0", "keep a page granted for writing at least `DURATION` before giving it up (e.g. 2ms; damps page-table ping-pong; 0: off)")
 	f.stopSignal = fs.String("stop-signal", "", "stop only on `SIGNAL` (e.g. SIGUSR1) and exit 0; SIGINT, SIGTERM and SIGHUP are then caught and ignored (a slice of a Slurm job step, as hpcvm vm run --stop-signal)")
 	f.replicateTables = fs.Bool("replicate-tables", false, "replicate page-table pages instead of moving them: a micro-guest's tables, or a --kernel guest's static kernel tables (docs/dsm.md, \"Replicated page tables\")")
+	f.numa = fs.Bool("numa", false, "describe each slice that runs vCPUs as a NUMA node of a --kernel guest (ACPI SRAT/SLIT; docs/dsm.md, \"Linux guests\")")
 	f.profile = fs.String("profile", "0", "sample where the local vCPUs are every `PERIOD` (e.g. 10ms) and print the most frequent guest addresses, named from --kernel's symbols (docs/dsm.md; 0: off)")
 	f.verbose = fs.Bool("v", false, "log protocol events to stderr")
 	fs.Usage = func() { sliceUsage(fs) }
@@ -283,6 +285,10 @@ func parseSliceArgs(args []string) (*sliceOpts, error) {
 		return nil, fmt.Errorf("--profile %s: must be 0 (off) or between 1ms and 1m", *f.profile)
 	}
 	o.replicate = *f.replicateTables
+	o.numa = *f.numa
+	if o.numa && o.linux == nil {
+		return nil, errors.New("--numa needs --kernel")
+	}
 	switch {
 	case o.linux != nil:
 	case *builtin != "" && *program != "":
@@ -493,6 +499,7 @@ func runLinuxSlice(ctx context.Context, o *sliceOpts, ln net.Listener, lg *slog.
 		// kernel tables are replicated (docs/dsm.md).
 		ReplicateKernelTables: o.replicate,
 		ProfileEvery:          o.profile,
+		NUMA:                  o.numa,
 	}
 	start := time.Now()
 	res, err := linuxvm.RunSlice(ctx, cfg)

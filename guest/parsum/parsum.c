@@ -28,6 +28,10 @@ struct worker {
 
 static void *work(void *arg) {
 	struct worker *w = arg;
+	// The CPUs seen are noted on this thread's own stack and copied out at
+	// the end: threads writing into one shared page while they run would
+	// make it bounce between the vCPUs (between nodes, in a spread VM).
+	unsigned char ran[MAX_CPUS] = {0};
 	uint64_t acc = 0;
 	for (uint64_t i = w->from; i < w->to; i++) {
 		acc += i * i;
@@ -36,12 +40,13 @@ static void *work(void *arg) {
 		if ((i & 0xffff) == 0) {
 			int cpu = sched_getcpu();
 			if (cpu >= 0 && cpu < MAX_CPUS)
-				w->ran[cpu] = 1;
+				ran[cpu] = 1;
 		}
 	}
 	int cpu = sched_getcpu();
 	if (cpu >= 0 && cpu < MAX_CPUS)
-		w->ran[cpu] = 1;
+		ran[cpu] = 1;
+	memcpy(w->ran, ran, sizeof ran);
 	w->sum = acc;
 	return NULL;
 }

@@ -34,6 +34,12 @@ type SliceConfig struct {
 	// ProfileEvery: dsm.SliceConfig.ProfileEvery; the profile's addresses
 	// are named from the kernel's symbol table when VM.Kernel has one.
 	ProfileEvery time.Duration
+	// NUMA describes each slice that runs vCPUs as a NUMA node of the guest
+	// (numaBySlice). Off by default: with nohz_full on the other slices'
+	// vCPUs, Linux leaves those out of idle load balancing, so new threads
+	// reach them only by fork placement, which NUMA distances above the
+	// reclaim distance turn off (measured: docs/dsm.md, "Status").
+	NUMA bool
 }
 
 // RunSlice runs one slice until the guest powers off or resets (on every
@@ -57,7 +63,9 @@ func RunSlice(ctx context.Context, sc SliceConfig) (dsm.SliceResult, error) {
 			return dsm.SliceResult{}, err
 		}
 		cfg.Cmdline = withSpreadSettings(cfg.Cmdline, sc.Placement)
-		cfg.NUMA = numaBySlice(sc.Placement)
+		if sc.NUMA {
+			cfg.NUMA = numaBySlice(sc.Placement)
+		}
 	} else if err := cfg.validateMem(); err != nil {
 		return dsm.SliceResult{}, err
 	}

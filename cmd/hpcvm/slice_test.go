@@ -87,7 +87,7 @@ func TestSliceRejectsBadInput(t *testing.T) {
 		{"hold negative", base("--hold", "-1ms"), "--hold -1ms"},
 		{"profile not a duration", base("--profile", "often"), "--profile"},
 		{"profile too fine", base("--profile", "10us"), "--profile 10us"},
-		{"numa without kernel", base("--numa"), "--numa needs --kernel"},
+		{"numa without kernel", append(base(), "--numa"), "--numa needs --kernel"},
 		{"listen", base("--listen", "nonsense"), "--listen"},
 		{"kernel and builtin", base("--kernel", prog), "--kernel and --builtin/--program are mutually exclusive"},
 		{"kernel and result", base("--builtin", "", "--kernel", prog, "--result", "0x1000"), "--result is for micro-guests"},

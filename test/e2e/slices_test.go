@@ -68,7 +68,9 @@ func holdArgs() []string {
 
 // runSlices runs the test Linux guest as one slice per placement group,
 // slice i on nodes[i%len(nodes)]; slice 0's node keeps the console.
-func runSlices(t *testing.T, nodes []*virtnode.Node, bin string, art guestvm.Artifacts, disk testDisk, placement string, limit time.Duration, script string) {
+// runSlices runs the test Linux guest as the slices of placement on nodes
+// (round robin) and checks what it printed; it returns the guest's console.
+func runSlices(t *testing.T, nodes []*virtnode.Node, bin string, art guestvm.Artifacts, disk testDisk, placement string, limit time.Duration, script string) string {
 	// HPCVM_E2E_SLICE_TIMEOUT overrides limit, which bounds each case:
 	// across slices in virt nodes every page hand-off costs milliseconds
 	// (docs/dsm.md).
@@ -161,6 +163,7 @@ func runSlices(t *testing.T, nodes []*virtnode.Node, bin string, art guestvm.Art
 	if failed {
 		t.Logf("guest console (tail):\n%s", guestvm.Tail(console, 60))
 	}
+	return console
 }
 
 // TestMicroGuestsAcrossSlices runs the DSM's memory-model micro-guests
@@ -237,6 +240,7 @@ func TestSlicesAcrossNodes(t *testing.T) {
 	}
 	defer c.Close()
 	var rttMicros int64
+	var spread string // the spread guest's console
 	t.Run("rtt", func(t *testing.T) {
 		rttMicros = nodeRTT(t, ctx, c)
 	})
@@ -258,7 +262,17 @@ func TestSlicesAcrossNodes(t *testing.T) {
 		}
 	})
 	t.Run("linux", func(t *testing.T) {
-		runSlices(t, c.Nodes, bin, art, disk, "0/1", 30*time.Minute, spreadScript)
+		spread = runSlices(t, c.Nodes, bin, art, disk, "0/1", 30*time.Minute, spreadScript)
+	})
+	// The reference: the same guest and program on one of the nodes, as a
+	// single slice with one vCPU (both threads on it).
+	t.Run("linux-1node", func(t *testing.T) {
+		one := runSlices(t, c.Nodes[:1], bin, art, disk, "0", 30*time.Minute, spreadScript)
+		s2, ok2 := parsumSeconds(spread)
+		s1, ok1 := parsumSeconds(one)
+		if ok1 && ok2 {
+			t.Logf("parsum, 2 threads: %.1f s on 2 nodes x 1 vCPU, %.1f s on 1 node x 1 vCPU: 2 nodes are %.2fx the speed of 1", s2, s1, s1/s2)
+		}
 	})
 }
 
@@ -290,22 +304,37 @@ func nodeRTT(t *testing.T, ctx context.Context, c *virtnode.Cluster) int64 {
 }
 
 // spreadScript is the test script of a guest spread over nodes: the disk
-// checksum, then guest/parsum, a pthreads program with one thread per
-// online vCPU (HPCVM_E2E_PARSUM_N iterations in all, default 2e8), allowed
-// on every vCPU (/init pins itself to the boot vCPUs).
+// checksum, then guest/parsum, a pthreads program with parsumThreads
+// threads (HPCVM_E2E_PARSUM_N iterations in all, default 2e8), allowed on
+// every vCPU (/init pins itself to the boot vCPUs).
 const spreadScript = "/spread.sh"
 
 // spreadFiles returns guest/parsum and spreadScript for the guest's disk.
 func spreadFiles(t *testing.T) map[string][]byte {
 	t.Helper()
 	n := cmp.Or(os.Getenv("HPCVM_E2E_PARSUM_N"), "200000000")
-	script := "set -e\nsum=$(sha256sum /disk/data.bin)\necho \"SHA256 ${sum%% *}\"\ntaskset -c 0-$(($(nproc --all)-1)) /disk/parsum -n " + n + "\n"
+	script := "set -e\nsum=$(sha256sum /disk/data.bin)\necho \"SHA256 ${sum%% *}\"\ntaskset -c 0-$(($(nproc --all)-1)) /disk/parsum -t " + strconv.Itoa(parsumThreads) + " -n " + n + "\n"
 	return map[string][]byte{"parsum": guestvm.Parsum(t), strings.TrimPrefix(spreadScript, "/"): []byte(script)}
 }
 
-// checkParsum checks parsum's line on the console: the exact sum, one
-// thread per vCPU, and threads seen on the vCPUs of every slice that runs
-// any (from inside the guest: sched_getcpu). It logs the run time.
+// parsumThreads is how many threads the spread script's parsum starts:
+// the vCPUs of TestSlicesAcrossNodes' spread guest, also on the 1-vCPU
+// reference, so both runs do the same work.
+const parsumThreads = 2
+
+// parsumSeconds is parsum's run time on the console.
+func parsumSeconds(console string) (float64, bool) {
+	m := regexp.MustCompile(`PARSUM .* seconds=(\S+)`).FindStringSubmatch(console)
+	if m == nil {
+		return 0, false
+	}
+	f, err := strconv.ParseFloat(m[1], 64)
+	return f, err == nil
+}
+
+// checkParsum checks parsum's line on the console: the exact sum,
+// parsumThreads threads, and threads seen on the vCPUs of every slice that
+// runs any (from inside the guest: sched_getcpu). It logs the run time.
 func checkParsum(t *testing.T, console string, groups [][]int) bool {
 	t.Helper()
 	m := regexp.MustCompile(`PARSUM threads=(\d+) .* ok=(\d) cpus=(\S+) seconds=(\S+)`).FindStringSubmatch(console)
@@ -313,10 +342,8 @@ func checkParsum(t *testing.T, console string, groups [][]int) bool {
 		t.Errorf("the guest printed no PARSUM line")
 		return false
 	}
-	cpus := 0
 	seen := map[int]bool{}
 	for i, g := range groups {
-		cpus += len(g)
 		for _, c := range strings.Split(m[3], ",") {
 			if n, err := strconv.Atoi(c); err == nil && slices.Contains(g, n) {
 				seen[i] = true
@@ -330,8 +357,8 @@ func checkParsum(t *testing.T, console string, groups [][]int) bool {
 		}
 	}
 	ok := true
-	if m[1] != strconv.Itoa(cpus) || m[2] != "1" {
-		t.Errorf("parsum: %s threads, ok=%s; want %d threads and the exact sum", m[1], m[2], cpus)
+	if m[1] != strconv.Itoa(parsumThreads) || m[2] != "1" {
+		t.Errorf("parsum: %s threads, ok=%s; want %d threads and the exact sum", m[1], m[2], parsumThreads)
 		ok = false
 	}
 	if len(seen) != want {

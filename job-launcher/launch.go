@@ -204,6 +204,9 @@ func (l *Launcher) Run(ctx context.Context) int {
 	if err != nil {
 		return l.failf("%v", err)
 	}
+	if plan.Slices != nil {
+		cmd.Argv = jobAffinity(cmd.Argv, plan.VM.CPUs)
+	}
 	p, err := guest.Agent().Start(ctx, cmd, l.Stdout, l.Stderr)
 	if err != nil {
 		return l.failf("starting %s in the guest: %v", cmd.Argv[0], err)
@@ -240,13 +243,26 @@ func (l *Launcher) Run(ctx context.Context) int {
 	}
 }
 
-// onlineScript brings every offline CPU under the sysfs CPU directory $1
-// online, failing on the first that does not come up.
+// onlineScript pins the guest agent (this script's parent, every thread)
+// to the CPUs online so far, the home slice's, then brings every offline
+// CPU under the sysfs CPU directory $1 online, failing on the first that
+// does not come up. The agent is the job's control path: moved to another
+// slice, every page it touches would follow it there (in a run without the
+// pin, the next agent request after onlining timed out). The job itself is
+// started with every vCPU allowed (jobAffinity).
 const onlineScript = `set -e
+taskset -a -p -c "$(cat "$1"/online)" $PPID >/dev/null
 for f in "$1"/cpu[0-9]*/online; do
 	[ -e "$f" ] || continue
 	[ "$(cat "$f")" = 1 ] || echo 1 > "$f"
 done`
+
+// jobAffinity makes the job's command run with every vCPU of a spread VM
+// allowed, as the agent that starts it is pinned to the home slice's
+// (onlineScript): taskset (util-linux, busybox) sets it and execs argv.
+func jobAffinity(argv []string, cpus int) []string {
+	return append([]string{"taskset", "-c", fmt.Sprintf("0-%d", cpus-1)}, argv...)
+}
 
 // guestRoot runs a preparation command in the guest as root.
 func (l *Launcher) guestRoot(ctx context.Context, agent *client.Client, argv ...string) error {

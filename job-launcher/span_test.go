@@ -84,6 +84,15 @@ func TestSpanNodesBuildsDistributedPlan(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	// The "agent" here is this test process: pin it to the CPUs it may
+	// already use.
+	online, err := os.ReadFile("/sys/devices/system/cpu/online")
+	if err != nil {
+		t.Skipf("no CPU list in sysfs: %v", err)
+	}
+	if err := os.WriteFile(filepath.Join(cpuDir, "online"), online, 0o644); err != nil {
+		t.Fatal(err)
+	}
 	e.l.Opts.GuestCPUDir = cpuDir
 	e.l.Opts.SliceVMM = []string{"/bin/hpcvm", "slice"}
 	e.l.NodeAddrs = func(_ context.Context, nodes []string) ([]string, error) {

@@ -101,6 +101,12 @@ func (l *Launcher) Run(ctx context.Context) int {
 	}
 	if l.Opts.TermGrace == 0 {
 		l.Opts.TermGrace = 5 * time.Second
+		if l.Opts.Span == SpanNodes {
+			// Across nodes the guest command's reaction to SIGTERM (a
+			// trap's output) takes longer to come back; still under
+			// Slurm's default KillWait (30 s).
+			l.Opts.TermGrace = 20 * time.Second
+		}
 	}
 	if l.Opts.GuestDir == "" {
 		l.Opts.GuestDir = GuestDir
@@ -217,6 +223,13 @@ func (l *Launcher) Run(ctx context.Context) int {
 		case <-p.Done():
 			st, err := p.Wait()
 			if err != nil {
+				// The agent's connection also ends when the VM stops (a
+				// slice died, say): name that cause, not the lost connection.
+				select {
+				case <-guest.Done():
+					return l.failf("the VM stopped while the job ran: %v", guest.Err())
+				case <-time.After(vmStopWait):
+				}
 				return l.failf("running %s in the guest: %v", cmd.Argv[0], err)
 			}
 			l.Log.Info("guest command ended", "status", st)
@@ -263,6 +276,10 @@ done`
 func jobAffinity(argv []string, cpus int) []string {
 	return append([]string{"taskset", "-c", fmt.Sprintf("0-%d", cpus-1)}, argv...)
 }
+
+// vmStopWait is how long a lost agent connection waits for the VM's own
+// end, whose error says more.
+const vmStopWait = 5 * time.Second
 
 // guestRoot runs a preparation command in the guest as root.
 func (l *Launcher) guestRoot(ctx context.Context, agent *client.Client, argv ...string) error {

@@ -54,10 +54,11 @@ func (fakeImages) Lookup(name string) (Image, error) {
 // fakeGuest is a "VM" whose guest agent is the real agent server running
 // in-process on a Unix socket: commands run on this machine.
 type fakeGuest struct {
-	agent   *client.Client
-	done    chan struct{}
-	stopped chan struct{}
-	once    sync.Once
+	agent     *client.Client
+	done      chan struct{}
+	stopped   chan struct{}
+	once      sync.Once
+	stopAgent func() // the agent stops serving (its connections close)
 }
 
 func (g *fakeGuest) Agent() *client.Client { return g.agent }
@@ -91,6 +92,7 @@ func (b *fakeBooter) Boot(ctx context.Context, p *Plan) (Guest, error) {
 	sctx, cancel := context.WithCancel(context.Background())
 	go srv.Serve(sctx, l)
 	b.t.Cleanup(cancel)
+	g.stopAgent = cancel
 	return g, nil
 }
 
@@ -290,6 +292,23 @@ func TestVMDiesDuringJob(t *testing.T) {
 		for !strings.Contains(e.stdout.String(), "ready") {
 			time.Sleep(10 * time.Millisecond)
 		}
+		close(e.booter.guest.done)
+	}()
+	if rc := e.run(t); rc != ExitFailure || !strings.Contains(e.stderr.String(), "the VM stopped while the job ran: fake VM died") {
+		t.Fatalf("exit status %d, stderr %q", rc, e.stderr)
+	}
+}
+
+// TestVMDiesWithTheAgentConnection: when the VM stops (a slice died), the
+// agent's connection ends too, often first; the error names the VM's end.
+func TestVMDiesWithTheAgentConnection(t *testing.T) {
+	e := newEnv(t, []string{"sh", "-c", "echo ready; sleep 30"}, false, Wish{Image: "debian12"})
+	go func() {
+		for !strings.Contains(e.stdout.String(), "ready") {
+			time.Sleep(10 * time.Millisecond)
+		}
+		e.booter.guest.stopAgent()
+		time.Sleep(200 * time.Millisecond)
 		close(e.booter.guest.done)
 	}()
 	if rc := e.run(t); rc != ExitFailure || !strings.Contains(e.stderr.String(), "the VM stopped while the job ran: fake VM died") {

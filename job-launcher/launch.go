@@ -103,9 +103,9 @@ func (l *Launcher) Run(ctx context.Context) int {
 		l.Opts.TermGrace = 5 * time.Second
 		if l.Opts.Span == SpanNodes {
 			// Across nodes the guest command's reaction to SIGTERM (a
-			// trap's output) takes longer to come back; still under
-			// Slurm's default KillWait (30 s).
-			l.Opts.TermGrace = 20 * time.Second
+			// trap's output) takes longer to come back; still under the
+			// slices' own SliceTermDelay, after which they stop the VM.
+			l.Opts.TermGrace = 12 * time.Second
 		}
 	}
 	if l.Opts.GuestDir == "" {

@@ -306,14 +306,18 @@ func nodeRTT(t *testing.T, ctx context.Context, c *virtnode.Cluster) int64 {
 // spreadScript is the test script of a guest spread over nodes: the disk
 // checksum, then guest/parsum, a pthreads program with parsumThreads
 // threads (HPCVM_E2E_PARSUM_N iterations in all, default 2e8), allowed on
-// every vCPU (/init pins itself to the boot vCPUs).
+// every vCPU (/init pins itself to the boot vCPUs): once placed by the
+// guest's scheduler alone (where they ran is logged), once with each
+// thread bound to a vCPU of its own (-b, as OMP_PROC_BIND=spread; checked).
 const spreadScript = "/spread.sh"
 
 // spreadFiles returns guest/parsum and spreadScript for the guest's disk.
 func spreadFiles(t *testing.T) map[string][]byte {
 	t.Helper()
 	n := cmp.Or(os.Getenv("HPCVM_E2E_PARSUM_N"), "200000000")
-	script := "set -e\nsum=$(sha256sum /disk/data.bin)\necho \"SHA256 ${sum%% *}\"\ntaskset -c 0-$(($(nproc --all)-1)) /disk/parsum -t " + strconv.Itoa(parsumThreads) + " -n " + n + "\n"
+	script := "set -e\nsum=$(sha256sum /disk/data.bin)\necho \"SHA256 ${sum%% *}\"\nall=0-$(($(nproc --all)-1))\n" +
+		"taskset -c $all /disk/parsum -t " + strconv.Itoa(parsumThreads) + " -n " + n + "\n" +
+		"taskset -c $all /disk/parsum -b -t " + strconv.Itoa(parsumThreads) + " -n " + n + "\n"
 	return map[string][]byte{"parsum": guestvm.Parsum(t), strings.TrimPrefix(spreadScript, "/"): []byte(script)}
 }
 
@@ -322,9 +326,9 @@ func spreadFiles(t *testing.T) map[string][]byte {
 // reference, so both runs do the same work.
 const parsumThreads = 2
 
-// parsumSeconds is parsum's run time on the console.
+// parsumSeconds is the bound parsum's run time on the console.
 func parsumSeconds(console string) (float64, bool) {
-	m := regexp.MustCompile(`PARSUM .* seconds=(\S+)`).FindStringSubmatch(console)
+	m := regexp.MustCompile(`PARSUM threads=\d+ bind=1 .* seconds=(\S+)`).FindStringSubmatch(console)
 	if m == nil {
 		return 0, false
 	}
@@ -337,9 +341,12 @@ func parsumSeconds(console string) (float64, bool) {
 // runs any (from inside the guest: sched_getcpu). It logs the run time.
 func checkParsum(t *testing.T, console string, groups [][]int) bool {
 	t.Helper()
-	m := regexp.MustCompile(`PARSUM threads=(\d+) .* ok=(\d) cpus=(\S+) seconds=(\S+)`).FindStringSubmatch(console)
+	if m := regexp.MustCompile(`PARSUM threads=\d+ bind=0 .* ok=(\d) cpus=(\S+) seconds=(\S+)`).FindStringSubmatch(console); m != nil {
+		t.Logf("parsum, threads placed by the guest's scheduler: ok=%s, on CPUs %s, %s s", m[1], m[2], m[3])
+	}
+	m := regexp.MustCompile(`PARSUM threads=(\d+) bind=1 .* ok=(\d) cpus=(\S+) seconds=(\S+)`).FindStringSubmatch(console)
 	if m == nil {
-		t.Errorf("the guest printed no PARSUM line")
+		t.Errorf("the guest printed no PARSUM line of the bound run")
 		return false
 	}
 	seen := map[int]bool{}
@@ -365,6 +372,6 @@ func checkParsum(t *testing.T, console string, groups [][]int) bool {
 		t.Errorf("parsum's threads ran on CPUs %s: slices %v of %d", m[3], seen, want)
 		ok = false
 	}
-	t.Logf("parsum: %s threads on CPUs %s (slices %v) in %s s", m[1], m[3], seen, m[4])
+	t.Logf("parsum, threads bound: %s threads on CPUs %s (slices %v) in %s s", m[1], m[3], seen, m[4])
 	return ok
 }

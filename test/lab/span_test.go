@@ -22,9 +22,12 @@ import (
 // `sbatch -N M --vm-image=tiny` on M one-CPU virt nodes boots ONE guest
 // whose vCPUs are the CPUs of all M nodes (one slice per node, started by
 // srun). The job script, run inside it, prints nproc and /proc/cpuinfo's
-// count (= M) and runs guest/parsum, an unmodified pthreads program with
-// one thread per vCPU: its sum is exact and, seen from inside the guest,
-// its threads ran on vCPUs of every slice. Then scancel while the script
+// count (= M) and runs guest/parsum, a pthreads program with one thread
+// per vCPU, twice: placed by the guest's scheduler alone (the sum must be
+// exact; where the threads ran is logged: Linux does not always spread
+// them, docs/dsm.md) and with each thread bound to a vCPU of its own (-b,
+// as OMP_PROC_BIND=spread): exact sum and, seen from inside the guest,
+// threads on the vCPUs of every slice. Then scancel while the script
 // runs, and a slice killed on the last node: the job ends (CANCELLED,
 // FAILED naming the slice) and no hpcvm process is left on any node.
 // The tiny image (test kernel and busybox with the real agent, parsum in
@@ -65,7 +68,7 @@ func spanJob(t *testing.T, ctx context.Context, c *VirtCluster, work string, nod
 	if n == "" {
 		n = "100000000"
 	}
-	os.WriteFile(script, []byte("#!/bin/sh\necho nproc=$(nproc) cpuinfo=$(grep -c ^processor /proc/cpuinfo)\nparsum -n "+n+"\n"), 0o755)
+	os.WriteFile(script, []byte("#!/bin/sh\necho nproc=$(nproc) cpuinfo=$(grep -c ^processor /proc/cpuinfo)\nparsum -n "+n+"\nparsum -b -n "+n+"\n"), 0o755)
 	out, errf := filepath.Join(work, "span.out"), filepath.Join(work, "span.err")
 	start := time.Now()
 	id, _, err := Submit(ctx, c, fmt.Sprintf("sbatch -N %d --vm-image=tiny --vm-console=%s/span-console.log -o %s -e %s %s", nodes, work, out, errf, script))
@@ -86,15 +89,20 @@ func spanJob(t *testing.T, ctx context.Context, c *VirtCluster, work string, nod
 	if want := fmt.Sprintf("nproc=%d cpuinfo=%d\n", nodes, nodes); !strings.HasPrefix(string(o), want) {
 		t.Errorf("stdout starts %q, want %q", o, want)
 	}
-	m := regexp.MustCompile(`PARSUM threads=(\d+) .* ok=1 cpus=(\S+) seconds=(\S+)`).FindStringSubmatch(string(o))
+	if m := regexp.MustCompile(`PARSUM threads=\d+ bind=0 .* ok=(\d) cpus=(\S+) seconds=(\S+)`).FindStringSubmatch(string(o)); m == nil || m[1] != "1" {
+		t.Errorf("parsum with its threads placed by the guest: no line with the exact sum")
+	} else {
+		t.Logf("parsum, threads placed by the guest's scheduler: CPUs %s, %s s", m[2], m[3])
+	}
+	m := regexp.MustCompile(`PARSUM threads=(\d+) bind=1 .* ok=1 cpus=(\S+) seconds=(\S+)`).FindStringSubmatch(string(o))
 	if m == nil {
-		t.Fatalf("no PARSUM line with ok=1 in the job's output")
+		t.Fatalf("no PARSUM line of the bound run with ok=1 in the job's output")
 	}
 	// One vCPU per node: vCPU i runs on slice i, i.e. on node i+1.
 	if m[1] != strconv.Itoa(nodes) || m[2] != cpuList(nodes) {
 		t.Errorf("parsum: %s threads on CPUs %s; want %d threads and every vCPU (%s), one per slice", m[1], m[2], nodes, cpuList(nodes))
 	}
-	t.Logf("parsum across %d nodes: %s s", nodes, m[3])
+	t.Logf("parsum, threads bound, across %d nodes: %s s", nodes, m[3])
 	noHpcvmLeft(t, ctx, c)
 }
 

@@ -33,9 +33,9 @@ type Options struct {
 	// GuestCPUDir is the guest's sysfs CPU directory (default
 	// /sys/devices/system/cpu; tests with a fake guest change it).
 	GuestCPUDir string
-	Batch      bool   // the task is a batch script (argv[0] is staged into the guest)
-	Argv       []string
-	VMM        []string // the VMM command of the slices (Plan.VMM)
+	Batch       bool // the task is a batch script (argv[0] is staged into the guest)
+	Argv        []string
+	VMM         []string // the VMM command of the slices (Plan.VMM)
 	// Span is SpanSingle (default) or SpanNodes: one distributed VM over
 	// every node of a multi-node step, its slices running SliceVMM.
 	Span     string
@@ -105,7 +105,7 @@ func (l *Launcher) Run(ctx context.Context) int {
 			// Across nodes the guest command's reaction to SIGTERM (a
 			// trap's output) takes longer to come back; still under the
 			// slices' own SliceTermDelay, after which they stop the VM.
-			l.Opts.TermGrace = 12 * time.Second
+			l.Opts.TermGrace = SliceTermDelay - 3*time.Second
 		}
 	}
 	if l.Opts.GuestDir == "" {

@@ -676,9 +676,9 @@ const kernelTablesEvery = 2 * time.Second
 // is the kernel's own (init_top_pgt; see kernelTablePages). A process's
 // CR3 will do for the kernel half: a guest whose application processors
 // start after boot (maxcpus=) may never exit on init_top_pgt on the boot
-// processor's slice, lazy TLB keeping a process's tables loaded. Before the guest starts other CPUs its boot tables
-// (early_top_pgt, freed after boot) may still be in use: hence the wait
-// for a startup IPI.
+// processor's slice, lazy TLB keeping a process's tables loaded. Before
+// the guest starts other CPUs its boot tables (early_top_pgt, freed after
+// boot) may still be in use: hence the wait for a startup IPI.
 func (s *sliceRun) classifyKernelTables(c *kvm.VCPU) error {
 	if !s.ktMu.TryLock() {
 		return nil // another vCPU of this slice is at it

@@ -207,44 +207,27 @@ func TestRun(t *testing.T) {
 		checkNoTemp(t, ctx, n, c)
 	})
 
-	t.Run("tiny-sigterm", func(t *testing.T) {
-		c := newCase("sigterm", 0)
-		p, err := n.RunBackground(fmt.Sprintf(`cd %[1]s && echo $$ >pid && exec env TMPDIR=%[1]s/tmp %[2]s --console %[1]s/console.log `+
-			`-- sh -c 'echo started; exec sleep 600'`, c.dir, guestvm.Quote(tiny)))
-		if err != nil {
-			t.Fatal(err)
+	// HPCVM_E2E_SIGTERM_RUNS=N repeats the SIGTERM case N times (a race
+	// between the command's exit status and the connection's end showed
+	// up in 2 of 12 runs once; docs/agent.md). HPCVM_E2E_RUN_VERBOSE=1
+	// adds hpcvm run -v (the VMM's vsock log) to each run's stderr.
+	sigtermRuns := 1
+	if v := os.Getenv("HPCVM_E2E_SIGTERM_RUNS"); v != "" {
+		if sigtermRuns, _ = strconv.Atoi(v); sigtermRuns < 1 {
+			t.Fatalf("HPCVM_E2E_SIGTERM_RUNS=%q: want a positive count", v)
 		}
-		// Wait for the command's first output (the agent is up and the
-		// command runs), then signal hpcvm as a shell or Slurm would.
-		for !strings.Contains(p.Stdout(), "started") {
-			if p.Exited() {
-				res, _ := p.Wait(ctx)
-				t.Fatalf("hpcvm ended before the command started: %s\n%s", res, consoleTail(ctx, n, c))
-			}
-			select {
-			case <-ctx.Done():
-				p.Kill()
-				t.Fatalf("no \"started\" from the guest command: %v\nstderr so far:\n%s", ctx.Err(), p.Stderr())
-			case <-time.After(500 * time.Millisecond):
-			}
+	}
+	sigtermTiny := tiny
+	if os.Getenv("HPCVM_E2E_RUN_VERBOSE") == "1" {
+		sigtermTiny = append(append([]string{}, tiny...), "-v")
+	}
+	for i := range sigtermRuns {
+		name := "tiny-sigterm"
+		if sigtermRuns > 1 {
+			name = fmt.Sprintf("tiny-sigterm-%d", i+1)
 		}
-		n.MustRun(t, ctx, fmt.Sprintf("kill -TERM $(cat %s/pid)", c.dir))
-		res, err := p.Wait(ctx)
-		if err != nil {
-			t.Fatalf("%v\n%s", err, res)
-		}
-		if res.ExitCode != 128+15 {
-			t.Fatalf("exit %d, want 143 (SIGTERM): %s\n%s", res.ExitCode, res, consoleTail(ctx, n, c))
-		}
-		if res.Stdout != "started\n" {
-			t.Errorf("stdout %q, want \"started\\n\"", res.Stdout)
-		}
-		left, err := n.Run(ctx, fmt.Sprintf("kill -0 $(cat %[1]s/pid) 2>/dev/null && echo process-alive; "+
-			"pgrep -af 'hpcvm-e2e-run/[s]igterm'; ls -A %[1]s/tmp", c.dir))
-		if err != nil || strings.TrimSpace(left.Stdout) != "" {
-			t.Errorf("left behind after SIGTERM (process, or temp dir entries): %q %v", left.Stdout, err)
-		}
-	})
+		t.Run(name, func(t *testing.T) { runSigterm(t, ctx, n, newCase, sigtermTiny) })
+	}
 
 	if !runDebian {
 		return
@@ -359,4 +342,46 @@ func fakeStore(t *testing.T) string {
 func consoleTail(ctx context.Context, n *virtnode.Node, c *runCase) string {
 	res, _ := n.Run(ctx, "tail -n 30 "+c.dir+"/console.log")
 	return c.name + ": guest console (last lines):\n" + res.Stdout
+}
+
+// runSigterm is the SIGTERM case: `sleep 600` gets the SIGTERM sent to
+// hpcvm once the command printed "started"; hpcvm exits 143 and leaves
+// no process or temp dir behind.
+func runSigterm(t *testing.T, ctx context.Context, n *virtnode.Node, newCase func(string, int) *runCase, tiny []string) {
+	c := newCase("sigterm", 0)
+	p, err := n.RunBackground(fmt.Sprintf(`cd %[1]s && echo $$ >pid && exec env TMPDIR=%[1]s/tmp %[2]s --console %[1]s/console.log `+
+		`-- sh -c 'echo started; exec sleep 600'`, c.dir, guestvm.Quote(tiny)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Wait for the command's first output (the agent is up and the
+	// command runs), then signal hpcvm as a shell or Slurm would.
+	for !strings.Contains(p.Stdout(), "started") {
+		if p.Exited() {
+			res, _ := p.Wait(ctx)
+			t.Fatalf("hpcvm ended before the command started: %s\n%s", res, consoleTail(ctx, n, c))
+		}
+		select {
+		case <-ctx.Done():
+			p.Kill()
+			t.Fatalf("no \"started\" from the guest command: %v\nstderr so far:\n%s", ctx.Err(), p.Stderr())
+		case <-time.After(500 * time.Millisecond):
+		}
+	}
+	n.MustRun(t, ctx, fmt.Sprintf("kill -TERM $(cat %s/pid)", c.dir))
+	res, err := p.Wait(ctx)
+	if err != nil {
+		t.Fatalf("%v\n%s", err, res)
+	}
+	if res.ExitCode != 128+15 {
+		t.Fatalf("exit %d, want 143 (SIGTERM): %s\n%s", res.ExitCode, res, consoleTail(ctx, n, c))
+	}
+	if res.Stdout != "started\n" {
+		t.Errorf("stdout %q, want \"started\\n\"", res.Stdout)
+	}
+	left, err := n.Run(ctx, fmt.Sprintf("kill -0 $(cat %[1]s/pid) 2>/dev/null && echo process-alive; "+
+		"pgrep -af 'hpcvm-e2e-run/[s]igterm'; ls -A %[1]s/tmp", c.dir))
+	if err != nil || strings.TrimSpace(left.Stdout) != "" {
+		t.Errorf("left behind after SIGTERM (process, or temp dir entries): %q %v", left.Stdout, err)
+	}
 }

@@ -4,6 +4,7 @@ package lab
 
 import (
 	"context"
+	"encoding/base64"
 	"fmt"
 	"os"
 	"os/exec"
@@ -30,14 +31,29 @@ import (
 // threads on the vCPUs of every slice. Then scancel while the script
 // runs, and a slice killed on the last node: the job ends (CANCELLED,
 // FAILED naming the slice) and no hpcvm process is left on any node.
-// The tiny image (test kernel and busybox with the real agent, parsum in
-// /bin) boots in seconds; everything across the nodes is slow in virt
-// nodes (docs/dsm.md, "Status"). Opt-in: make e2e-slurm-span.
+// The image is the tiny one (test kernel and busybox with the real agent),
+// which boots in seconds, or with HPCVM_E2E_SPAN_IMAGE=debian12 the
+// default image (make image-debian12; its own Debian kernel and systemd).
+// parsum (static) travels inside the job script, as a user's own program
+// would. Everything across the nodes is slow in virt nodes (docs/dsm.md,
+// "Status"). Opt-in: make e2e-slurm-span.
 func TestVirtLabSpanJob(t *testing.T) {
-	store := guestvm.TinyStore(t, map[string][]byte{"bin/parsum": guestvm.Parsum(t)})
-	if out, err := exec.Command("chmod", "-R", "a+rX", filepath.Dir(store)).CombinedOutput(); err != nil {
-		t.Fatalf("chmod: %v %s", err, out)
+	image := os.Getenv("HPCVM_E2E_SPAN_IMAGE")
+	var store string
+	switch image {
+	case "", "tiny":
+		image = "tiny"
+		store = guestvm.TinyStore(t, nil)
+		if out, err := exec.Command("chmod", "-R", "a+rX", filepath.Dir(store)).CombinedOutput(); err != nil {
+			t.Fatalf("chmod: %v %s", err, out)
+		}
+	default:
+		store = imageStore()
+		if _, err := os.Stat(filepath.Join(store, image, "manifest.json")); err != nil {
+			t.Fatalf("HPCVM_E2E_SPAN_IMAGE=%s: the image is not in %s (make image-%s): %v", image, store, image, err)
+		}
 	}
+	parsum := guestvm.Parsum(t)
 	counts := []int{2, 3}
 	if v := os.Getenv("HPCVM_E2E_SPAN_NODES"); v != "" {
 		n, err := strconv.Atoi(v)
@@ -52,26 +68,42 @@ func TestVirtLabSpanJob(t *testing.T) {
 				Plugstack: []string{"span=nodes"}})
 			ctx := testCtx(t, 40*time.Minute)
 			work := filepath.Join(c.Dir, "work")
-			spanJob(t, ctx, c, work, nodes)
+			spanJob(t, ctx, c, work, image, parsum, nodes)
 			if nodes == 2 || len(counts) == 1 {
-				spanCancel(t, ctx, c, work)
-				spanSliceKilled(t, ctx, c, work, nodes)
+				spanCancel(t, ctx, c, work, image)
+				spanSliceKilled(t, ctx, c, work, image, nodes)
 			}
 		})
 	}
 }
 
+// spanScript is the job script: it unpacks parsum (base64 in the script
+// itself) into a temporary directory of the guest and runs it twice.
+func spanScript(parsum []byte, n string) string {
+	var b strings.Builder
+	b.WriteString("#!/bin/sh\nset -e\necho nproc=$(nproc) cpuinfo=$(grep -c ^processor /proc/cpuinfo)\n")
+	b.WriteString("d=$(mktemp -d)\nbase64 -d >$d/parsum <<'PARSUM'\n")
+	enc := base64.StdEncoding.EncodeToString(parsum)
+	for len(enc) > 76 {
+		b.WriteString(enc[:76] + "\n")
+		enc = enc[76:]
+	}
+	b.WriteString(enc + "\nPARSUM\nchmod +x $d/parsum\n")
+	b.WriteString("$d/parsum -n " + n + "\n$d/parsum -b -n " + n + "\nrm -rf $d\n")
+	return b.String()
+}
+
 // spanJob runs the parsum job across all nodes and checks its output.
-func spanJob(t *testing.T, ctx context.Context, c *VirtCluster, work string, nodes int) {
+func spanJob(t *testing.T, ctx context.Context, c *VirtCluster, work, image string, parsum []byte, nodes int) {
 	script := filepath.Join(work, "span.sh")
 	n := os.Getenv("HPCVM_E2E_PARSUM_N")
 	if n == "" {
 		n = "100000000"
 	}
-	os.WriteFile(script, []byte("#!/bin/sh\necho nproc=$(nproc) cpuinfo=$(grep -c ^processor /proc/cpuinfo)\nparsum -n "+n+"\nparsum -b -n "+n+"\n"), 0o755)
+	os.WriteFile(script, []byte(spanScript(parsum, n)), 0o755)
 	out, errf := filepath.Join(work, "span.out"), filepath.Join(work, "span.err")
 	start := time.Now()
-	id, _, err := Submit(ctx, c, fmt.Sprintf("sbatch -N %d --vm-image=tiny --vm-console=%s/span-console.log -o %s -e %s %s", nodes, work, out, errf, script))
+	id, _, err := Submit(ctx, c, fmt.Sprintf("sbatch -N %d --vm-image=%s --vm-console=%s/span-console.log -o %s -e %s %s", nodes, image, work, out, errf, script))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -116,12 +148,12 @@ func cpuList(n int) string {
 
 // spanStarted submits a spanning job that prints "started" and sleeps, and
 // waits until the script runs in the guest.
-func spanStarted(t *testing.T, ctx context.Context, c *VirtCluster, work, name string, nodes int) (id, out, errf string) {
+func spanStarted(t *testing.T, ctx context.Context, c *VirtCluster, work, image, name string, nodes int) (id, out, errf string) {
 	t.Helper()
 	script := filepath.Join(work, name+".sh")
 	os.WriteFile(script, []byte("#!/bin/sh\ntrap 'echo got-TERM; exit 143' TERM\necho started\nsleep 600 & wait\n"), 0o755)
 	out, errf = filepath.Join(work, name+".out"), filepath.Join(work, name+".err")
-	id, _, err := Submit(ctx, c, fmt.Sprintf("sbatch -N %d --vm-image=tiny -o %s -e %s %s", nodes, out, errf, script))
+	id, _, err := Submit(ctx, c, fmt.Sprintf("sbatch -N %d --vm-image=%s -o %s -e %s %s", nodes, image, out, errf, script))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -142,8 +174,8 @@ func spanStarted(t *testing.T, ctx context.Context, c *VirtCluster, work, name s
 }
 
 // spanCancel: scancel while the script runs in the spread guest.
-func spanCancel(t *testing.T, ctx context.Context, c *VirtCluster, work string) {
-	id, out, errf := spanStarted(t, ctx, c, work, "span-cancel", len(c.Nodes))
+func spanCancel(t *testing.T, ctx context.Context, c *VirtCluster, work, image string) {
+	id, out, errf := spanStarted(t, ctx, c, work, image, "span-cancel", len(c.Nodes))
 	if r, err := c.Client(ctx, "scancel "+id); err != nil || r.ExitCode != 0 {
 		t.Fatalf("scancel %s: %v %s", id, err, r)
 	}
@@ -161,8 +193,8 @@ func spanCancel(t *testing.T, ctx context.Context, c *VirtCluster, work string) 
 // spanSliceKilled: the slice on the last node is killed (SIGKILL) while
 // the script runs; the job fails with an error naming the slice, and
 // nothing is left on any node.
-func spanSliceKilled(t *testing.T, ctx context.Context, c *VirtCluster, work string, nodes int) {
-	id, _, errf := spanStarted(t, ctx, c, work, "span-killed", nodes)
+func spanSliceKilled(t *testing.T, ctx context.Context, c *VirtCluster, work, image string, nodes int) {
+	id, _, errf := spanStarted(t, ctx, c, work, image, "span-killed", nodes)
 	if r, err := c.NodeRun(ctx, nodes-1, "pkill -KILL -f 'hpcvm slice'"); err != nil || r.ExitCode != 0 {
 		t.Fatalf("killing the slice on node %d: %v %s", nodes, err, r)
 	}

@@ -33,9 +33,11 @@ type Options struct {
 	// GuestCPUDir is the guest's sysfs CPU directory (default
 	// /sys/devices/system/cpu; tests with a fake guest change it).
 	GuestCPUDir string
-	Batch       bool // the task is a batch script (argv[0] is staged into the guest)
-	Argv        []string
-	VMM         []string // the VMM command of the slices (Plan.VMM)
+	// GuestProcDir is the guest's /proc (default /proc; tests change it).
+	GuestProcDir string
+	Batch        bool // the task is a batch script (argv[0] is staged into the guest)
+	Argv         []string
+	VMM          []string // the VMM command of the slices (Plan.VMM)
 	// Span is SpanSingle (default) or SpanNodes: one distributed VM over
 	// every node of a multi-node step, its slices running SliceVMM.
 	Span     string
@@ -113,6 +115,9 @@ func (l *Launcher) Run(ctx context.Context) int {
 	}
 	if l.Opts.GuestCPUDir == "" {
 		l.Opts.GuestCPUDir = "/sys/devices/system/cpu"
+	}
+	if l.Opts.GuestProcDir == "" {
+		l.Opts.GuestProcDir = "/proc"
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -195,7 +200,7 @@ func (l *Launcher) Run(ctx context.Context) int {
 		// docs/dsm.md, "Linux guests"): bring the other nodes' vCPUs up
 		// before the job starts, so it sees them all.
 		start := time.Now()
-		if err := l.guestRoot(ctx, guest.Agent(), "sh", "-c", onlineScript, "online", l.Opts.GuestCPUDir); err != nil {
+		if err := l.guestRoot(ctx, guest.Agent(), "sh", "-c", onlineScript, "online", l.Opts.GuestCPUDir, l.Opts.GuestProcDir); err != nil {
 			return l.failf("bringing the other nodes' vCPUs online: %v", err)
 		}
 		l.Log.Info("vCPUs online", "cpus", plan.VM.CPUs, "took", time.Since(start).Round(time.Millisecond))
@@ -256,22 +261,28 @@ func (l *Launcher) Run(ctx context.Context) int {
 	}
 }
 
-// onlineScript pins the guest agent (this script's parent, every thread)
-// to the CPUs online so far, the home slice's, then brings every offline
-// CPU under the sysfs CPU directory $1 online, failing on the first that
-// does not come up. The agent is the job's control path: moved to another
-// slice, every page it touches would follow it there (in a run without the
-// pin, the next agent request after onlining timed out). The job itself is
-// started with every vCPU allowed (jobAffinity).
+// onlineScript confines every process of the guest (all threads; the
+// guest agent, init and the daemons it starts later inherit it) to the
+// CPUs online so far, the home slice's, then brings every offline CPU
+// under the sysfs CPU directory $1 online, failing on the first that does
+// not come up. $2 is the guest's /proc. Only the job (jobAffinity) may
+// use the other slices' vCPUs: anything else moved there drags every
+// page it touches across the network (in a run that did not pin the
+// agent, the next agent request after onlining timed out). Kernel
+// threads bound to one CPU refuse the new affinity; that is ignored.
 const onlineScript = `set -e
-taskset -a -p -c "$(cat "$1"/online)" $PPID >/dev/null
+home=$(cat "$1"/online)
+for p in "$2"/[0-9]*; do
+	[ -e "$p" ] || continue
+	taskset -a -p -c "$home" "${p##*/}" >/dev/null 2>&1 || true
+done
 for f in "$1"/cpu[0-9]*/online; do
 	[ -e "$f" ] || continue
 	[ "$(cat "$f")" = 1 ] || echo 1 > "$f"
 done`
 
 // jobAffinity makes the job's command run with every vCPU of a spread VM
-// allowed, as the agent that starts it is pinned to the home slice's
+// allowed, as the agent that starts it is confined to the home slice's
 // (onlineScript): taskset (util-linux, busybox) sets it and execs argv.
 func jobAffinity(argv []string, cpus int) []string {
 	return append([]string{"taskset", "-c", fmt.Sprintf("0-%d", cpus-1)}, argv...)

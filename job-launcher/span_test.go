@@ -7,11 +7,15 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 func TestPlaceVCPUs(t *testing.T) {
@@ -84,16 +88,22 @@ func TestSpanNodesBuildsDistributedPlan(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	// The "agent" here is this test process: pin it to the CPUs it may
-	// already use.
-	online, err := os.ReadFile("/sys/devices/system/cpu/online")
-	if err != nil {
-		t.Skipf("no CPU list in sysfs: %v", err)
+	// The guest's processes: one, a sleep of this host, which must end up
+	// confined to the "home" CPU, 0.
+	if err := os.WriteFile(filepath.Join(cpuDir, "online"), []byte("0\n"), 0o644); err != nil {
+		t.Fatal(err)
 	}
-	if err := os.WriteFile(filepath.Join(cpuDir, "online"), online, 0o644); err != nil {
+	sleeper := exec.Command("sleep", "60")
+	if err := sleeper.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { sleeper.Process.Kill(); sleeper.Wait() }()
+	procDir := t.TempDir()
+	if err := os.Mkdir(filepath.Join(procDir, strconv.Itoa(sleeper.Process.Pid)), 0o755); err != nil {
 		t.Fatal(err)
 	}
 	e.l.Opts.GuestCPUDir = cpuDir
+	e.l.Opts.GuestProcDir = procDir
 	e.l.Opts.SliceVMM = []string{"/bin/hpcvm", "slice"}
 	e.l.NodeAddrs = func(_ context.Context, nodes []string) ([]string, error) {
 		if !slices.Equal(nodes, []string{"n1", "n2"}) {
@@ -116,6 +126,13 @@ func TestSpanNodesBuildsDistributedPlan(t *testing.T) {
 		if b, err := os.ReadFile(filepath.Join(cpuDir, fmt.Sprintf("cpu%d", cpu), "online")); err != nil || strings.TrimSpace(string(b)) != "1" {
 			t.Errorf("cpu%d online = %q (%v) after boot, want 1", cpu, b, err)
 		}
+	}
+	var set unix.CPUSet
+	if err := unix.SchedGetaffinity(sleeper.Process.Pid, &set); err != nil {
+		t.Fatal(err)
+	}
+	if set.Count() != 1 || !set.IsSet(0) {
+		t.Errorf("the guest process's affinity has %d CPUs (CPU 0: %v), want CPU 0 alone (the home slice's)", set.Count(), set.IsSet(0))
 	}
 	enc, err := p.Encode()
 	if err != nil {

@@ -103,7 +103,10 @@ func spanJob(t *testing.T, ctx context.Context, c *VirtCluster, work, image stri
 	os.WriteFile(script, []byte(spanScript(parsum, n)), 0o755)
 	out, errf := filepath.Join(work, "span.out"), filepath.Join(work, "span.err")
 	start := time.Now()
-	id, _, err := Submit(ctx, c, fmt.Sprintf("sbatch -N %d --vm-image=%s --vm-console=%s/span-console.log -o %s -e %s %s", nodes, image, work, out, errf, script))
+	// HPCVM_LAUNCH_DEBUG=1 (in the job's environment): the launcher logs
+	// its progress (agent ready, vCPUs online, the job's end) to the
+	// job's stderr, which is shown if the job fails.
+	id, _, err := Submit(ctx, c, fmt.Sprintf("HPCVM_LAUNCH_DEBUG=1 sbatch -N %d --vm-image=%s --vm-console=%s/span-console.log -o %s -e %s %s", nodes, image, work, out, errf, script))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -246,14 +246,16 @@ func (l *Launcher) Run(ctx context.Context) int {
 			if !ok {
 				continue
 			}
+			// The grace runs from the signal's arrival, as the slices'
+			// SliceTermDelay does: forwarding it can take seconds.
+			if s == syscall.SIGTERM && grace == nil {
+				grace = time.After(l.Opts.TermGrace)
+			}
 			sctx, scancel := context.WithTimeout(ctx, 5*time.Second)
 			if err := p.Signal(sctx, s); err != nil {
 				l.Log.Warn("forwarding a signal to the guest", "signal", s, "err", err)
 			}
 			scancel()
-			if s == syscall.SIGTERM && grace == nil {
-				grace = time.After(l.Opts.TermGrace)
-			}
 		case <-grace:
 			fmt.Fprintf(l.Stderr, "hpcvm: the job did not end %v after SIGTERM; stopping the VM\n", l.Opts.TermGrace)
 			return ExitTermed

@@ -17,8 +17,10 @@ import (
 // SliceTermDelay is how long a slice keeps its VM after Slurm's SIGTERM,
 // waiting for the launcher's stop request (SIGUSR1) so that the guest
 // command can handle the SIGTERM forwarded to it. Slurm's KillWait must be
-// longer than SliceTermDelay + SliceStopGrace.
-const SliceTermDelay = 15 * time.Second
+// longer than SliceTermDelay + SliceStopGrace (27 s; Slurm's default
+// KillWait is 30 s). A guest spread over nodes needs most of it: there the
+// forwarded SIGTERM took more than 12 s to come back as the command's exit.
+const SliceTermDelay = 22 * time.Second
 
 // SliceStopGrace is how long a slice waits for its VMM after SIGTERM before
 // SIGKILL.

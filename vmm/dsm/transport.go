@@ -25,7 +25,10 @@ type TransportConfig struct {
 	Logger   *slog.Logger
 	// Heartbeat is the interval between heartbeats (default 200ms);
 	// PeerTimeout the silence after which a peer is declared dead
-	// (default 3s); ConnectTimeout how long to wait for the whole mesh
+	// (default 10s: a dead process or a closed connection is seen at
+	// once anyway; silence means a hung or cut-off node, and a loaded
+	// node, such as 3 emulated nodes on 2 cores, can be silent for more
+	// than 3 s while alive); ConnectTimeout how long to wait for the whole mesh
 	// (default 30s).
 	Heartbeat, PeerTimeout, ConnectTimeout time.Duration
 	// BusyPoll: a connection's reader polls the socket without sleeping
@@ -56,7 +59,7 @@ func (c *TransportConfig) defaults() error {
 		c.Heartbeat = 200 * time.Millisecond
 	}
 	if c.PeerTimeout == 0 {
-		c.PeerTimeout = 3 * time.Second
+		c.PeerTimeout = 10 * time.Second
 	}
 	if c.ConnectTimeout == 0 {
 		c.ConnectTimeout = 30 * time.Second

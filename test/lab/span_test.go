@@ -68,7 +68,8 @@ func TestVirtLabSpanJob(t *testing.T) {
 				Plugstack: []string{"span=nodes"}})
 			ctx := testCtx(t, 40*time.Minute)
 			work := filepath.Join(c.Dir, "work")
-			spanJob(t, ctx, c, work, image, parsum, nodes)
+			spread := spanJob(t, ctx, c, work, image, parsum, nodes)
+			spanReference(t, ctx, c, work, image, parsum, nodes, spread)
 			if nodes == 2 || len(counts) == 1 {
 				spanCancel(t, ctx, c, work, image)
 				spanSliceKilled(t, ctx, c, work, image, nodes)
@@ -79,7 +80,7 @@ func TestVirtLabSpanJob(t *testing.T) {
 
 // spanScript is the job script: it unpacks parsum (base64 in the script
 // itself) into a temporary directory of the guest and runs it twice.
-func spanScript(parsum []byte, n string) string {
+func spanScript(parsum []byte, n, args string) string {
 	var b strings.Builder
 	b.WriteString("#!/bin/sh\nset -e\necho nproc=$(nproc) cpuinfo=$(grep -c ^processor /proc/cpuinfo)\n")
 	b.WriteString("d=$(mktemp -d)\nbase64 -d >$d/parsum <<'PARSUM'\n")
@@ -89,18 +90,26 @@ func spanScript(parsum []byte, n string) string {
 		enc = enc[76:]
 	}
 	b.WriteString(enc + "\nPARSUM\nchmod +x $d/parsum\n")
-	b.WriteString("$d/parsum -n " + n + "\n$d/parsum -b -n " + n + "\nrm -rf $d\n")
+	if args != "" {
+		args += " "
+	}
+	b.WriteString("$d/parsum " + args + "-n " + n + "\n$d/parsum " + args + "-b -n " + n + "\nrm -rf $d\n")
 	return b.String()
 }
 
-// spanJob runs the parsum job across all nodes and checks its output.
-func spanJob(t *testing.T, ctx context.Context, c *VirtCluster, work, image string, parsum []byte, nodes int) {
-	script := filepath.Join(work, "span.sh")
-	n := os.Getenv("HPCVM_E2E_PARSUM_N")
-	if n == "" {
-		n = "100000000"
+// parsumN is parsum's iteration count (HPCVM_E2E_PARSUM_N, default 1e8).
+func parsumN() string {
+	if n := os.Getenv("HPCVM_E2E_PARSUM_N"); n != "" {
+		return n
 	}
-	os.WriteFile(script, []byte(spanScript(parsum, n)), 0o755)
+	return "100000000"
+}
+
+// spanJob runs the parsum job across all nodes, checks its output and
+// returns the bound run's time in seconds.
+func spanJob(t *testing.T, ctx context.Context, c *VirtCluster, work, image string, parsum []byte, nodes int) float64 {
+	script := filepath.Join(work, "span.sh")
+	os.WriteFile(script, []byte(spanScript(parsum, parsumN(), "")), 0o755)
 	out, errf := filepath.Join(work, "span.out"), filepath.Join(work, "span.err")
 	start := time.Now()
 	// HPCVM_LAUNCH_DEBUG=1 (in the job's environment): the launcher logs
@@ -138,6 +147,34 @@ func spanJob(t *testing.T, ctx context.Context, c *VirtCluster, work, image stri
 		t.Errorf("parsum: %s threads on CPUs %s; want %d threads and every vCPU (%s), one per slice", m[1], m[2], nodes, cpuList(nodes))
 	}
 	t.Logf("parsum, threads bound, across %d nodes: %s s", nodes, m[3])
+	noHpcvmLeft(t, ctx, c)
+	secs, _ := strconv.ParseFloat(m[3], 64)
+	return secs
+}
+
+// spanReference runs the same program, with as many threads, in a VM on
+// one node (sbatch -N 1: a single VM, one vCPU), in the same lab, and logs
+// the spread run's time against it. The sum must be exact here too.
+func spanReference(t *testing.T, ctx context.Context, c *VirtCluster, work, image string, parsum []byte, nodes int, spread float64) {
+	script := filepath.Join(work, "ref.sh")
+	os.WriteFile(script, []byte(spanScript(parsum, parsumN(), fmt.Sprintf("-t %d", nodes))), 0o755)
+	out, errf := filepath.Join(work, "ref.out"), filepath.Join(work, "ref.err")
+	id, _, err := Submit(ctx, c, fmt.Sprintf("sbatch -N 1 --vm-image=%s -o %s -e %s %s", image, out, errf, script))
+	if err != nil {
+		t.Fatal(err)
+	}
+	j, err := WaitJob(ctx, c, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	o, _ := os.ReadFile(out)
+	m := regexp.MustCompile(`PARSUM threads=(\d+) bind=1 .* ok=1 cpus=\S+ seconds=(\S+)`).FindStringSubmatch(string(o))
+	if j.State != "COMPLETED" || m == nil {
+		e, _ := os.ReadFile(errf)
+		t.Fatalf("reference job %s on 1 node: %s %s, stdout %q; want COMPLETED and parsum's exact sum\nstderr:\n%s", id, j.State, j.ExitCode, o, e)
+	}
+	one, _ := strconv.ParseFloat(m[2], 64)
+	t.Logf("parsum (%s threads, bound) in a VM on 1 node: %s s; across %d nodes: %.3f s (%.1fx the 1-node time)", m[1], m[2], nodes, spread, spread/one)
 	noHpcvmLeft(t, ctx, c)
 }
 

@@ -59,7 +59,7 @@ e2e-slurm-vm: slurm-deps spank build node-assets image-debian12
 
 e2e-slurm-span: slurm-deps spank build agent node-assets guest-kernel guest-initramfs
 	HPCVM_E2E_REQUIRE=1 HPCVM_BIN=$(BIN)/hpcvm \
-		$(GO) test -tags 'e2e slurmspan' -count=1 -v -timeout 120m -run 'TestVirtLabSpanJob' ./test/lab/
+		$(GO) test -tags 'e2e slurmspan' -count=1 -v -timeout 180m -run 'TestVirtLabSpanJob' ./test/lab/
 
 # demo: the README's main job on a fresh machine (everything it needs is a
 # prerequisite; see test/lab/demo): a 2-node lab, sbatch -N 2

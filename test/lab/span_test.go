@@ -106,17 +106,19 @@ func parsumN() string {
 	return "100000000"
 }
 
-// spanJob runs the parsum job across all nodes, checks its output and
-// returns the bound run's time in seconds.
-func spanJob(t *testing.T, ctx context.Context, c *VirtCluster, work, image string, parsum []byte, nodes int) float64 {
-	script := filepath.Join(work, "span.sh")
-	os.WriteFile(script, []byte(spanScript(parsum, parsumN(), "")), 0o755)
-	out, errf := filepath.Join(work, "span.out"), filepath.Join(work, "span.err")
-	start := time.Now()
-	// HPCVM_LAUNCH_DEBUG=1 (in the job's environment): the launcher logs
-	// its progress (agent ready, vCPUs online, the job's end) to the
-	// job's stderr, which is shown if the job fails.
-	id, _, err := Submit(ctx, c, fmt.Sprintf("HPCVM_LAUNCH_DEBUG=1 sbatch -N %d --vm-image=%s --vm-console=%s/span-console.log -o %s -e %s %s", nodes, image, work, out, errf, script))
+// spanRun writes script as work/NAME.sh, submits it with the sbatch
+// options opts (output in work/NAME.out and NAME.err), waits for the job
+// to end and returns its id, final state, stdout and stderr. The job runs
+// with HPCVM_LAUNCH_DEBUG=1: the launcher logs its progress (agent ready,
+// vCPUs online, the job's end) to the job's stderr, shown on failure.
+func spanRun(t *testing.T, ctx context.Context, c *VirtCluster, work, name, script, opts string) (string, Job, []byte, []byte) {
+	t.Helper()
+	path := filepath.Join(work, name+".sh")
+	if err := os.WriteFile(path, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	out, errf := filepath.Join(work, name+".out"), filepath.Join(work, name+".err")
+	id, _, err := Submit(ctx, c, fmt.Sprintf("HPCVM_LAUNCH_DEBUG=1 sbatch %s -o %s -e %s %s", opts, out, errf, path))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -126,6 +128,15 @@ func spanJob(t *testing.T, ctx context.Context, c *VirtCluster, work, image stri
 	}
 	o, _ := os.ReadFile(out)
 	e, _ := os.ReadFile(errf)
+	return id, j, o, e
+}
+
+// spanJob runs the parsum job across all nodes, checks its output and
+// returns the bound run's time in seconds.
+func spanJob(t *testing.T, ctx context.Context, c *VirtCluster, work, image string, parsum []byte, nodes int) float64 {
+	start := time.Now()
+	id, j, o, e := spanRun(t, ctx, c, work, "span", spanScript(parsum, parsumN(), ""),
+		fmt.Sprintf("-N %d --vm-image=%s --vm-console=%s/span-console.log", nodes, image, work))
 	t.Logf("job %s: %s %s after %v\nstdout:\n%s", id, j.State, j.ExitCode, time.Since(start).Round(time.Second), o)
 	if j.State != "COMPLETED" || j.ExitCode != "0:0" {
 		t.Logf("guest console, last lines:\n%s", tail(filepath.Join(work, "span-console.log"), 40))
@@ -157,21 +168,10 @@ func spanJob(t *testing.T, ctx context.Context, c *VirtCluster, work, image stri
 // one node (sbatch -N 1: a single VM, one vCPU), in the same lab, and logs
 // the spread run's time against it. The sum must be exact here too.
 func spanReference(t *testing.T, ctx context.Context, c *VirtCluster, work, image string, parsum []byte, nodes int, spread float64) {
-	script := filepath.Join(work, "ref.sh")
-	os.WriteFile(script, []byte(spanScript(parsum, parsumN(), fmt.Sprintf("-t %d", nodes))), 0o755)
-	out, errf := filepath.Join(work, "ref.out"), filepath.Join(work, "ref.err")
-	id, _, err := Submit(ctx, c, fmt.Sprintf("sbatch -N 1 --vm-image=%s -o %s -e %s %s", image, out, errf, script))
-	if err != nil {
-		t.Fatal(err)
-	}
-	j, err := WaitJob(ctx, c, id)
-	if err != nil {
-		t.Fatal(err)
-	}
-	o, _ := os.ReadFile(out)
+	id, j, o, e := spanRun(t, ctx, c, work, "ref", spanScript(parsum, parsumN(), fmt.Sprintf("-t %d", nodes)),
+		"-N 1 --vm-image="+image)
 	m := regexp.MustCompile(`PARSUM threads=(\d+) bind=1 .* ok=1 cpus=\S+ seconds=(\S+)`).FindStringSubmatch(string(o))
 	if j.State != "COMPLETED" || m == nil {
-		e, _ := os.ReadFile(errf)
 		t.Fatalf("reference job %s on 1 node: %s %s, stdout %q; want COMPLETED and parsum's exact sum\nstderr:\n%s", id, j.State, j.ExitCode, o, e)
 	}
 	one, _ := strconv.ParseFloat(m[2], 64)

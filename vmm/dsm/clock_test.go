@@ -111,10 +111,7 @@ var _ machine.Loader = lateLoader{}
 // slices never go backwards, although slice 1 creates its vCPUs 300 ms
 // after slice 0: each slice sets its vCPUs' TSC from slice 0's clock.
 func TestTSCConsistentAcrossSlices(t *testing.T) {
-	n := 60
-	if testing.Short() {
-		n = 20
-	}
+	n := scaled(60)
 	rep := &reportDev{}
 	prog := mg.Program{Code: tscPingPong(n)}
 	res := runCustom(t, customVM{

@@ -69,10 +69,7 @@ var coherenceCases = []coherenceCase{
 func TestCoherenceTwoSlicesInProcess(t *testing.T) {
 	for _, c := range coherenceCases {
 		t.Run(c.name, func(t *testing.T) {
-			iters := c.iters
-			if testing.Short() {
-				iters /= 10
-			}
+			iters := scaled(c.iters)
 			r := runInProcess(t, 2, c.ncpu, c.prog, iters)
 			for _, ck := range c.checks {
 				ck(t, c.ncpu, iters, r)
@@ -86,8 +83,8 @@ func TestCoherenceTwoSlicesInProcess(t *testing.T) {
 // without a fence (this DSM is SC, so it should not happen, but only the
 // TSO rules are asserted: every iteration ran and the count is bounded).
 func TestStoreBufferingWithoutFence(t *testing.T) {
-	const iters = 200
-	r := runInProcess(t, 2, 2, "sb", iters)
+	iters := uint32(scaled(200))
+	r := runInProcess(t, 2, 2, "sb", int(iters))
 	if len(r.reports) != 2 || r.reports[1] != iters || r.reports[0] > iters {
 		t.Fatalf("reports %v, want [both-zero count <= %d, %d]", r.reports, iters, iters)
 	}
@@ -98,14 +95,14 @@ func TestStoreBufferingWithoutFence(t *testing.T) {
 // slices take turns writing pages A and B, so on each slice those pages top
 // the list with about one request per turn, far above code and stack.
 func TestHotPagesNameTheContendedPages(t *testing.T) {
-	const iters = 300
+	iters := scaled(300)
 	r := runInProcess(t, 2, 2, "pingpong", iters)
 	for i, hot := range r.hot {
 		if len(hot) < 2 || len(hot) > 10 {
 			t.Fatalf("slice %d: %d hot pages, want 2..10: %+v", i, len(hot), hot)
 		}
 		top := map[uint64]bool{hot[0].GPA: true, hot[1].GPA: true}
-		if !top[pageA] || !top[pageB] || hot[1].Requests < iters/2 {
+		if !top[pageA] || !top[pageB] || hot[1].Requests < int64(iters/2) {
 			t.Errorf("slice %d hot pages %+v: want pages %#x and %#x first, each requested >= %d times",
 				i, hot, pageA, pageB, iters/2)
 		}
@@ -125,7 +122,7 @@ func TestHoldWindowKeepsExactOutcomes(t *testing.T) {
 			continue // the same protocol paths as mp and pingpong
 		}
 		t.Run(c.name, func(t *testing.T) {
-			iters := c.iters / 10
+			iters := scaled(c.iters / 10)
 			r := runInProcessWith(t, 2, c.ncpu, c.prog, iters, hold)
 			for _, ck := range c.checks {
 				ck(t, c.ncpu, iters, r)

@@ -177,6 +177,10 @@ func (s *sliceRun) serveIO(from int, r *Msg) {
 	s.node.send(from, &rep)
 }
 
+// DescribeAddr is what backs a vCPU's kernel address on this slice, for
+// the machine's stop-time report (machine.AddrDescriber).
+func (h *sliceHooks) DescribeAddr(cr3, va uint64) string { return h.s.node.DescribeAddr(cr3, va) }
+
 // DescribeVCPU is the interrupt side of a local vCPU for the machine's
 // stop-time report (machine.VCPUDescriber).
 func (h *sliceHooks) DescribeVCPU(id int) string {

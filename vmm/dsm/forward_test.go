@@ -175,10 +175,7 @@ func buildForwarding(iters int) []byte {
 // 0) do port I/O, string port I/O and MMIO to devices that exist only on
 // slice 0, and read back the values those devices compute.
 func TestIOForwarding(t *testing.T) {
-	iters := 300
-	if testing.Short() {
-		iters = 50
-	}
+	iters := scaled(300)
 	rep := &reportDev{}
 	echo := &echoPorts{last: map[uint64]uint32{}}
 	str := &strPorts{sum: map[uint64]uint64{}, count: map[uint64]int{}, next: map[uint64]byte{}}

@@ -99,6 +99,19 @@ func splitVCPUs(ncpu, n int) [][]int {
 	return out
 }
 
+// scaled is a test's iteration count, cut to a twentieth (at least 4) in
+// -short runs. The checks do not change, only how many rounds they see.
+// -short is how the fast tier runs these tests inside a virt node when the
+// host has no KVM (docs/testing.md): nested under QEMU's emulation a page
+// hand-off between slices takes hundreds of milliseconds, not tens of
+// microseconds, and the full counts would take most of an hour.
+func scaled(iters int) int {
+	if testing.Short() {
+		return max(iters/20, 4)
+	}
+	return iters
+}
+
 // runInProcess runs prog on n slices inside this process, over loopback.
 func runInProcess(t testing.TB, n, ncpu int, prog string, iters int) vmRun {
 	t.Helper()

@@ -221,10 +221,7 @@ func readQword(t *testing.T, g memory.Guest, addr uint64) uint64 {
 // handlers count them (and EOI). Each IPI is only sent once the previous
 // one was handled, so every one must arrive exactly once.
 func TestCrossSliceIPI(t *testing.T) {
-	n := 20
-	if testing.Short() {
-		n = 5
-	}
+	n := scaled(20)
 	var ipis, nmis uint64
 	res := runCustom(t, customVM{
 		placement: [][]int{{0}, {1}},
@@ -301,10 +298,7 @@ func ioapicProgram(n int) []byte {
 // line (a port write forwarded to slice 0) and EOIs, which must reach the
 // IOAPIC on slice 0 (remote IRR) before the next assertion is delivered.
 func TestIOAPICLevelAcrossSlices(t *testing.T) {
-	n := 20
-	if testing.Short() {
-		n = 5
-	}
+	n := scaled(20)
 	dev := &lineDev{}
 	var count uint64
 	var ioapic *irqchip.IOAPIC

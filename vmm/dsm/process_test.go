@@ -184,12 +184,9 @@ func runProcesses(t *testing.T, n, ncpu int, prog string, iters int) vmRun {
 func TestCoherenceThreeSliceProcesses(t *testing.T) {
 	for _, c := range coherenceCases {
 		t.Run(c.name, func(t *testing.T) {
-			ncpu, iters := c.ncpu, c.iters/4
+			ncpu, iters := c.ncpu, scaled(c.iters/4)
 			if ncpu < 3 && c.prog != "mp" && !strings.HasPrefix(c.prog, "sb") {
 				ncpu = 3
-			}
-			if testing.Short() {
-				iters /= 10
 			}
 			r := runProcesses(t, 3, ncpu, c.prog, iters)
 			for _, ck := range c.checks {

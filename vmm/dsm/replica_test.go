@@ -84,7 +84,7 @@ func TestReplicatedTablesKeepExactOutcomes(t *testing.T) {
 			// With 2 vCPUs the third slice runs none but is home to a
 			// third of the pages, so requests cross all three.
 			t.Run(fmt.Sprintf("%s/%dslices", c.name, slices), func(t *testing.T) {
-				iters := c.iters / 10
+				iters := scaled(c.iters / 10)
 				r := runInProcessWith(t, slices, c.ncpu, c.prog, iters, on)
 				for _, ck := range c.checks {
 					ck(t, c.ncpu, iters, r)
@@ -468,5 +468,39 @@ func TestJoinAppliesOnlyUpdatesTheContentLacks(t *testing.T) {
 	nd.Deliver(0, &Msg{Type: MsgUpdate, Page: pfn, Words: []WordUpdate{{Index: 8, Old: 0, New: 0x8000 | ptePresent}}})
 	if got := loadWord(host, 8); got != 0x8000|ptePresent {
 		t.Errorf("word 8 = %#x after a later update, want %#x", got, 0x8000|ptePresent)
+	}
+}
+
+// TestDescribeAddrWalksLocalReplicas: the stop-time report translates a
+// kernel address through the replicated tables each slice holds and
+// gives the page's state there, with the word only where the page is.
+func TestDescribeAddrWalksLocalReplicas(t *testing.T) {
+	const root, l3, l2, l1, data = 0x50, 0x51, 0x52, 0x53, 0x60
+	const va = 0xffff888000001008 // PML4 273, PDPT 0, PD 0, PT 1, offset 8
+	failed := make(chan error, 2)
+	p := replicaPair(t, TableSet{root: 4, l3: 3, l2: 2, l1: 1}, failed)
+	const tbl = ptePresent | 1<<1
+	p.setWord(0, root, 273, l3*PageSize|tbl)
+	p.setWord(0, l3, 0, l2*PageSize|tbl)
+	p.setWord(0, l2, 0, l1*PageSize|tbl)
+	p.setWord(0, l1, 1, data*PageSize|tbl)
+	p.ping(0)
+	waitWord(t, p, 1, l1, 1, data*PageSize|tbl)
+	var b [8]byte
+	binary.LittleEndian.PutUint64(b[:], 0x1234)
+	if _, err := p.nodes[0].WriteAt(b[:], data*PageSize+8); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := p.nodes[0].DescribeAddr(root*PageSize, va), "gpa=0x60008 exclusive word=0x1234"; got != want {
+		t.Errorf("slice 0: %q, want %q", got, want)
+	}
+	if got, want := p.nodes[1].DescribeAddr(root*PageSize, va), "gpa=0x60008 invalid"; got != want {
+		t.Errorf("slice 1: %q, want %q", got, want)
+	}
+	if got := p.nodes[1].DescribeAddr(root*PageSize, va+1<<21); !strings.Contains(got, "not mapped (level 2") {
+		t.Errorf("unmapped address: %q", got)
+	}
+	if got := p.nodes[1].DescribeAddr(data*PageSize, va); !strings.Contains(got, "not on this slice (invalid)") {
+		t.Errorf("walk through a page this slice lacks: %q", got)
 	}
 }

@@ -92,6 +92,13 @@ func (s *System) MSRIndexList() ([]uint32, error) {
 // CreateVM creates a VM (KVM_CREATE_VM).
 func (s *System) CreateVM() (*VM, error) {
 	fd, err := gokvm.CreateVM(s.fd())
+	// KVM returns a bare EINTR (not restarted by SA_RESTART) when a signal
+	// arrives while it sets the VM up, and Go's runtime signals its
+	// threads all the time (preemption): seen in virt nodes. Nothing was
+	// created, so try again.
+	for tries := 0; errors.Is(err, unix.EINTR) && tries < 100; tries++ {
+		fd, err = gokvm.CreateVM(s.fd())
+	}
 	if err != nil {
 		return nil, fmt.Errorf("KVM_CREATE_VM: %w", err)
 	}

@@ -24,6 +24,15 @@ type VCPUDescriber interface {
 	DescribeVCPU(id int) string
 }
 
+// AddrDescriber is an optional part of Hooks: what backs a guest-virtual
+// address of a stopped vCPU (for a distributed VM, the page's state on
+// this slice). The stop-time report asks it about the registers that hold
+// kernel addresses: a vCPU spinning on a lock has the lock's address in
+// one of them.
+type AddrDescriber interface {
+	DescribeAddr(cr3, va uint64) string
+}
+
 // Kick forces vCPU id out of KVM_RUN (or makes its next KVM_RUN return at
 // once) so its run loop calls Hooks.BeforeRun again. It does nothing if
 // this machine does not run vCPU id.

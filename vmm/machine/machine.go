@@ -14,6 +14,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
 	"sync"
 
 	"github.com/hpcvm/hpcvm/vmm/bus"
@@ -426,8 +427,28 @@ func (m *Machine) reportStopState(c *kvm.VCPU) {
 	}
 	attrs := []any{"vcpu", c.ID(), "rip", fmt.Sprintf("%#x", r.RIP), "rsp", fmt.Sprintf("%#x", r.RSP),
 		"rflags", fmt.Sprintf("%#x", r.RFLAGS)}
+	gprs := []struct {
+		name string
+		v    uint64
+	}{{"rax", r.RAX}, {"rbx", r.RBX}, {"rcx", r.RCX}, {"rdx", r.RDX}, {"rsi", r.RSI}, {"rdi", r.RDI},
+		{"rbp", r.RBP}, {"r8", r.R8}, {"r9", r.R9}, {"r10", r.R10}, {"r11", r.R11}, {"r12", r.R12},
+		{"r13", r.R13}, {"r14", r.R14}, {"r15", r.R15}}
+	var regs strings.Builder
+	for _, g := range gprs {
+		fmt.Fprintf(&regs, "%s=%#x ", g.name, g.v)
+	}
+	attrs = append(attrs, "regs", strings.TrimSpace(regs.String()))
 	if sr, err := c.GetSregs(); err == nil {
 		attrs = append(attrs, "cr3", fmt.Sprintf("%#x", sr.CR3), "cpl", sr.CS.DPL)
+		// Kernel-half addresses in registers (a lock a vCPU spins on,
+		// the object it works on): what backs them.
+		if d, ok := m.cfg.Hooks.(AddrDescriber); ok && sr.CR0&(1<<31) != 0 {
+			for _, g := range gprs {
+				if g.v>>47 == 0x1ffff && (g.name == "rbx" || g.name == "rdi") {
+					attrs = append(attrs, "at_"+g.name, d.DescribeAddr(sr.CR3, g.v))
+				}
+			}
+		}
 	}
 	if d, ok := m.cfg.Hooks.(VCPUDescriber); ok {
 		attrs = append(attrs, "state", d.DescribeVCPU(c.ID()))

@@ -1,0 +1,143 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hpcvm/hpcvm/test/guestvm"
+)
+
+// TestKVMTestsInNode runs the fast tier's KVM tests (micro-guests, the
+// KVM wrapper, userfaultfd, the DSM harness, slices) inside a virt node,
+// where KVM is real. `make unit` runs it on a host whose /dev/kvm is
+// missing or unusable, so that those tests run somewhere instead of
+// skipping (docs/testing.md, "Where the KVM tests run").
+//
+// HPCVM_E2E_KVM_PKGS lists the packages (go list patterns, relative to the
+// module root). Each is compiled here with `go test -c` and its binary run
+// in the node from its package directory (the node sees the host's root),
+// with -test.short: the node is emulated, so the tests that loop many
+// thousand times (coherence litmus tests, TSC sampling) run a tenth of
+// their rounds there, with the same checks.
+// A test that skips for want of KVM or userfaultfd fails this test: in the
+// node both exist, so such a skip is a bug, not a missing prerequisite.
+func TestKVMTestsInNode(t *testing.T) {
+	pkgs := strings.Fields(os.Getenv("HPCVM_E2E_KVM_PKGS"))
+	if len(pkgs) == 0 {
+		t.Skip("HPCVM_E2E_KVM_PKGS is empty: `make unit` sets it when this host has no usable /dev/kvm")
+	}
+	node(t) // boot the node before compiling anything
+	root, err := filepath.Abs("../..")
+	if err != nil {
+		t.Fatal(err)
+	}
+	bins := t.TempDir()
+	// vmm/boot enters a real kernel when told where one is; the guest
+	// kernel is built by then if `make unit` runs as part of `make test`.
+	var env []string
+	a := guestvm.FindArtifacts()
+	for _, kv := range [][2]string{{"HPCVM_TEST_BZIMAGE", a.BzImage}, {"HPCVM_TEST_VMLINUX", a.Vmlinux}} {
+		if _, err := os.Stat(kv[1]); err == nil {
+			env = append(env, kv[0]+"="+kv[1])
+		}
+	}
+	for _, pkg := range pkgs {
+		pkg := pkg
+		name := strings.ReplaceAll(strings.Trim(filepath.Clean(pkg), "./"), "/", "_")
+		t.Run(name, func(t *testing.T) {
+			r := node(t) // restarted if an earlier package left it dead or hung
+			bin := filepath.Join(bins, name+".test")
+			build := exec.Command("go", "test", "-c", "-o", bin, pkg)
+			build.Dir = root
+			if out, err := build.CombinedOutput(); err != nil {
+				t.Fatalf("go test -c %s: %v\n%s", pkg, err, out)
+			}
+			if _, err := os.Stat(bin); err != nil {
+				t.Skipf("%s has no tests", pkg)
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
+			defer cancel()
+			start := time.Now()
+			res, err := r.Node.Run(ctx, fmt.Sprintf("cd %s && %s %s -test.v -test.short -test.count=1 -test.timeout 25m 2>&1",
+				filepath.Join(root, pkg), strings.Join(env, " "), bin))
+			took := time.Since(start).Round(time.Second)
+			out := res.Stdout + res.Stderr
+			logPath := filepath.Join(bins, name+".log")
+			os.WriteFile(logPath, []byte(out), 0o644)
+			if err != nil || res.ExitCode != 0 {
+				if crash := crashContext(r.Node.Console(), 50); crash != "" {
+					t.Logf("the node's kernel crashed under %s:\n%s", pkg, crash)
+				}
+				t.Fatalf("%s in the node: exit %d, err %v after %v; output tail:\n%s", pkg, res.ExitCode, err, took, tail(out, 60))
+			}
+			pass, skips := summarize(out)
+			t.Logf("%s in the node: %d tests passed in %v", pkg, pass, took)
+			if pass == 0 {
+				t.Errorf("%s: no test passed in the node; output tail:\n%s", pkg, tail(out, 40))
+			}
+			for _, s := range skips {
+				if kvmSkip.MatchString(s) {
+					t.Errorf("%s skipped in the node, where KVM and userfaultfd exist: %s", pkg, s)
+				} else {
+					t.Logf("%s: skipped (not for want of KVM): %s", pkg, s)
+				}
+			}
+		})
+	}
+}
+
+// kvmSkip matches skip reasons that mean "no KVM here" or "no userfaultfd".
+var kvmSkip = regexp.MustCompile(`(?i)/dev/kvm|kvm unusable|userfaultfd|needs a usable`)
+
+// summarize counts passed tests (subtests included) and returns each skip
+// with its reason: `go test -v` streams a test's log, so the reason
+// ("    file_test.go:12: needs /dev/kvm") comes just before its
+// "--- SKIP: Name (0.00s)" line.
+func summarize(out string) (pass int, skips []string) {
+	lines := strings.Split(out, "\n")
+	for i, l := range lines {
+		l = strings.TrimSpace(l)
+		switch {
+		case strings.HasPrefix(l, "--- PASS:"):
+			pass++
+		case strings.HasPrefix(l, "--- SKIP:"):
+			s := l
+			if i > 0 && !strings.HasPrefix(strings.TrimSpace(lines[i-1]), "=== ") {
+				s += ": " + strings.TrimSpace(lines[i-1])
+			}
+			skips = append(skips, s)
+		}
+	}
+	return pass, skips
+}
+
+// crashContext returns the console from n lines before the node kernel's
+// first oops or panic report on, or "" if there is none.
+func crashContext(console string, n int) string {
+	lines := strings.Split(console, "\n")
+	for i, l := range lines {
+		if strings.Contains(l, "Kernel panic") || strings.Contains(l, "Oops") || strings.Contains(l, "BUG: ") ||
+			strings.Contains(l, "general protection fault") || strings.Contains(l, "WARNING: ") {
+			lo := max(0, i-5)
+			return strings.Join(lines[lo:min(len(lines), i+n)], "\n")
+		}
+	}
+	return ""
+}
+
+func tail(s string, n int) string {
+	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}

@@ -56,7 +56,7 @@ func newNodePair(b testing.TB, onFail func(i int, err error)) *nodePair {
 // newNodes connects n nodes over loopback, as newNodePair.
 func newNodes(b testing.TB, n int, onFail func(i int, err error)) *nodePair {
 	b.Helper()
-	requireKVMAndUFFD(b)
+	requireUFFD(b)
 	lns, addrs := loopbackListeners(b, n)
 	lg := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	p := &nodePair{nodes: make([]*Node, n), rams: make([]*memory.RAM, n), trs: make([]*Transport, n)}

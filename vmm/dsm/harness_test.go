@@ -31,6 +31,13 @@ func requireKVMAndUFFD(t testing.TB) {
 	if err := kvmAvailable(); err != nil {
 		t.Skipf("needs a usable %s (root): %v", kvm.DevicePath, err)
 	}
+	requireUFFD(t)
+}
+
+// requireUFFD is for tests of the coherence protocol between nodes
+// without any VM: their "processors" are goroutines writing guest RAM.
+func requireUFFD(t testing.TB) {
+	t.Helper()
 	u, err := uffd.Open(uffd.FeaturePagefaultFlagWP, 0)
 	if err != nil {
 		t.Skipf("needs userfaultfd with write-protect (root, %s): %v", uffd.DevicePath, err)

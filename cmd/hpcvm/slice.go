@@ -44,6 +44,7 @@ type sliceOpts struct {
 	results   []uint64 // guest-physical addresses printed at the end (slice 0)
 	timeout   time.Duration
 	hold      time.Duration  // coherence hold window (dsm.NodeConfig.Hold)
+	vcpuNice  int            // nice of the vCPU threads (dsm.SliceConfig.VCPUNice)
 	replicate bool           // replicated page tables (docs/dsm.md)
 	numa      bool           // each slice a NUMA node of the guest (--numa)
 	profile   time.Duration  // RIP sampling period (0: off)
@@ -129,7 +130,7 @@ options:
 // sliceFlags is the flag set of `hpcvm slice`.
 type sliceFlags struct {
 	fs                                              *flag.FlagSet
-	id, iters                                       *int
+	id, iters, vcpuNice                             *int
 	peers, listen, vmID, secretFile, placement, mem *string
 	builtin, program, timeout, hold, stopSignal     *string
 	profile                                         *string
@@ -163,6 +164,7 @@ func newSliceFlags() *sliceFlags {
 	f.console = fs.String("console", "", "write the guest's serial console to `FILE` (slice 0; default: stderr)")
 	f.timeout = fs.String("timeout", "0", "stop with an error after `DURATION` (e.g. 10m; 0: no limit)")
 	f.hold = fs.String("hold", "0", "keep a page granted for writing at least `DURATION` before giving it up (e.g. 2ms; damps page-table ping-pong; 0: off)")
+	f.vcpuNice = fs.Int("vcpu-nice", 10, "nice `N` (0-19) of the vCPU threads: the threads that serve the other slices' page requests keep the process's own priority, so a busy vCPU does not delay them (0: unchanged)")
 	f.stopSignal = fs.String("stop-signal", "", "stop only on `SIGNAL` (e.g. SIGUSR1) and exit 0; SIGINT, SIGTERM and SIGHUP are then caught and ignored (a slice of a Slurm job step, as hpcvm vm run --stop-signal)")
 	f.replicateTables = fs.Bool("replicate-tables", false, "replicate page-table pages instead of moving them: a micro-guest's tables, or a --kernel guest's static kernel tables (docs/dsm.md, \"Replicated page tables\")")
 	f.numa = fs.Bool("numa", false, "describe each slice that runs vCPUs as a NUMA node of a --kernel guest (ACPI SRAT/SLIT; docs/dsm.md, \"Linux guests\")")
@@ -275,6 +277,10 @@ func parseSliceArgs(args []string) (*sliceOpts, error) {
 			return nil, fmt.Errorf("--stop-signal: %w", err)
 		}
 	}
+	if *f.vcpuNice < 0 || *f.vcpuNice > 19 {
+		return nil, fmt.Errorf("--vcpu-nice %d: must be between 0 and 19", *f.vcpuNice)
+	}
+	o.vcpuNice = *f.vcpuNice
 	if o.hold < 0 || o.hold > time.Second {
 		return nil, fmt.Errorf("--hold %s: must be between 0 and 1s", *f.hold)
 	}
@@ -390,6 +396,12 @@ func runSlice(o *sliceOpts, stdout io.Writer) int {
 		// Threads waiting in the kernel hold Ps: leave Ps for the protocol.
 		runtime.GOMAXPROCS(dsm.SliceGOMAXPROCS(len(o.placement[o.id]), len(o.peers)))
 	}
+	if stop, err := startCPUProfile(os.Getenv(CPUProfileEnv), o.id); err != nil {
+		fmt.Fprintf(os.Stderr, "hpcvm slice %d: %s: %v\n", o.id, CPUProfileEnv, err)
+		return 1
+	} else {
+		defer stop()
+	}
 	ln, err := net.Listen("tcp", o.listen)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "hpcvm slice %d: listen on %s: %v\n", o.id, o.listen, err)
@@ -415,6 +427,7 @@ func runSlice(o *sliceOpts, stdout io.Writer) int {
 		Loader:    microguest.Program{Code: o.code},
 		DonePort:  dsm.DonePort,
 		Hold:      o.hold,
+		VCPUNice:  o.vcpuNice,
 		// The micro-guest's tables are fixed at load time, so its initial
 		// CR3 names them all.
 		ReplicateTables: o.replicate,
@@ -495,6 +508,7 @@ func runLinuxSlice(ctx context.Context, o *sliceOpts, ln net.Listener, lg *slog.
 		Transport: dsm.TransportConfig{ID: o.id, Addrs: o.peers, Listener: ln, VMID: o.vmID, Secret: o.secret, Logger: lg},
 		Placement: o.placement,
 		Hold:      o.hold,
+		VCPUNice:  o.vcpuNice,
 		// Linux builds and frees page tables as it runs: only its static
 		// kernel tables are replicated (docs/dsm.md).
 		ReplicateKernelTables: o.replicate,

@@ -85,6 +85,8 @@ func TestSliceRejectsBadInput(t *testing.T) {
 		{"hold not a duration", base("--hold", "soon"), "--hold"},
 		{"hold too long", base("--hold", "2s"), "--hold 2s"},
 		{"hold negative", base("--hold", "-1ms"), "--hold -1ms"},
+		{"vcpu nice too high", base("--vcpu-nice", "20"), "--vcpu-nice 20"},
+		{"vcpu nice negative", base("--vcpu-nice", "-5"), "--vcpu-nice -5"},
 		{"profile not a duration", base("--profile", "often"), "--profile"},
 		{"profile too fine", base("--profile", "10us"), "--profile 10us"},
 		{"numa without kernel", append(base(), "--numa"), "--numa needs --kernel"},

@@ -118,7 +118,13 @@ func spanRun(t *testing.T, ctx context.Context, c *VirtCluster, work, name, scri
 		t.Fatal(err)
 	}
 	out, errf := filepath.Join(work, name+".out"), filepath.Join(work, name+".err")
-	id, _, err := Submit(ctx, c, fmt.Sprintf("HPCVM_LAUNCH_DEBUG=1 sbatch %s -o %s -e %s %s", opts, out, errf, path))
+	env := "HPCVM_LAUNCH_DEBUG=1"
+	if p := os.Getenv("HPCVM_SLICE_CPUPROFILE"); p != "" {
+		// Each slice's Go CPU profile (cmd/hpcvm/profile.go), through the
+		// job's environment.
+		env += " HPCVM_SLICE_CPUPROFILE=" + strings.ReplaceAll(p, "%j", name)
+	}
+	id, _, err := Submit(ctx, c, fmt.Sprintf("%s sbatch %s -o %s -e %s %s", env, opts, out, errf, path))
 	if err != nil {
 		t.Fatal(err)
 	}

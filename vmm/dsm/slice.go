@@ -42,6 +42,10 @@ type SliceConfig struct {
 	Finish func(g memory.Guest) error
 	// Hold is the coherence hold window (NodeConfig.Hold).
 	Hold time.Duration
+	// VCPUNice lowers the vCPU threads' priority (machine.Config.VCPUNice)
+	// so that this slice serves the others' requests before it runs its
+	// own vCPUs further.
+	VCPUNice int
 	// ReplicateTables replicates the guest's page-table pages instead of
 	// moving them (replica.go): the tables reachable from the local
 	// vCPUs' initial CR3.
@@ -265,7 +269,7 @@ func RunSlice(ctx context.Context, cfg SliceConfig) (SliceResult, error) {
 	run := append([]int{}, s.vcpus...) // non-nil: machine treats nil as "all vCPUs"
 	// No in-kernel irqchip: the slices emulate the interrupt controllers.
 	m, err := machine.New(machine.Config{CPUs: s.ncpu, MemBytes: cfg.MemBytes, Loader: startLoader{cfg.Loader, s.irq},
-		RAM: ram, RunVCPUs: run, Logger: cfg.Logger, Hooks: &sliceHooks{s: s}})
+		RAM: ram, RunVCPUs: run, Logger: cfg.Logger, Hooks: &sliceHooks{s: s}, VCPUNice: cfg.VCPUNice})
 	if err != nil {
 		return SliceResult{}, err
 	}

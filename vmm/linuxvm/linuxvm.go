@@ -14,6 +14,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/hpcvm/hpcvm/internal/units"
 	"github.com/hpcvm/hpcvm/vmm/boot"
@@ -56,9 +57,13 @@ type Config struct {
 	// VsockPath is the hybrid vsock Unix socket; empty for no vsock device.
 	VsockPath string
 	VsockCID  uint32
-	Console   io.Writer // serial output
-	ConsoleIn io.Reader // serial input; nil for none
-	Logger    *slog.Logger
+	// VsockConnectTimeout bounds how long a host client's CONNECT waits
+	// for the guest to accept (vsock.Config.ConnectTimeout; 2 s if zero,
+	// a spread guest's slice 0 uses SpreadVsockConnectTimeout).
+	VsockConnectTimeout time.Duration
+	Console             io.Writer // serial output
+	ConsoleIn           io.Reader // serial input; nil for none
+	Logger              *slog.Logger
 	// OnUserspace is called once when the guest writes the boot timer.
 	OnUserspace func(sinceStart string)
 	// NUMA, if set, lists the vCPUs of each NUMA node the guest is told

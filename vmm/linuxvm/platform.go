@@ -37,7 +37,8 @@ func attachVsock(p platform, d *devices, cfg *Config) error {
 	if st, err := os.Lstat(cfg.VsockPath); err == nil && st.Mode()&os.ModeSocket != 0 {
 		os.Remove(cfg.VsockPath) // stale socket of an earlier run (Validate checked it is a socket)
 	}
-	dev, err := vsock.New(vsock.Config{Path: cfg.VsockPath, GuestCID: uint64(cfg.VsockCID), Log: cfg.Logger})
+	dev, err := vsock.New(vsock.Config{Path: cfg.VsockPath, GuestCID: uint64(cfg.VsockCID),
+		ConnectTimeout: cfg.VsockConnectTimeout, Log: cfg.Logger})
 	if err != nil {
 		return fmt.Errorf("--vsock %s: %w", cfg.VsockPath, err)
 	}

@@ -29,6 +29,8 @@ type SliceConfig struct {
 	Placement [][]int
 	// Hold is the coherence hold window (dsm.NodeConfig.Hold).
 	Hold time.Duration
+	// VCPUNice: dsm.SliceConfig.VCPUNice.
+	VCPUNice int
 	// ReplicateKernelTables: dsm.SliceConfig.ReplicateKernelTables.
 	ReplicateKernelTables bool
 	// ProfileEvery: dsm.SliceConfig.ProfileEvery; the profile's addresses
@@ -63,6 +65,9 @@ func RunSlice(ctx context.Context, sc SliceConfig) (dsm.SliceResult, error) {
 			return dsm.SliceResult{}, err
 		}
 		cfg.Cmdline = withSpreadSettings(cfg.Cmdline, sc.Placement)
+		if cfg.VsockConnectTimeout == 0 {
+			cfg.VsockConnectTimeout = SpreadVsockConnectTimeout
+		}
 		if sc.NUMA {
 			cfg.NUMA = numaBySlice(sc.Placement)
 		}
@@ -93,6 +98,7 @@ func RunSlice(ctx context.Context, sc SliceConfig) (dsm.SliceResult, error) {
 		// The kernel's static page tables (docs/dsm.md).
 		ReplicateKernelTables: sc.ReplicateKernelTables,
 		ProfileEvery:          sc.ProfileEvery,
+		VCPUNice:              sc.VCPUNice,
 		Loader:                newLoader(&cfg, legacy),
 		Setup: func(h *dsm.Home) error {
 			p := platform{io: &h.Machine.IO, mmio: &h.Machine.MMIO, mem: h.Memory,
@@ -138,6 +144,14 @@ func withTSCFrequency(cmdline string) (string, error) {
 	}
 	return fmt.Sprintf("%s tsc_early_khz=%d", cmdline, khz), nil
 }
+
+// SpreadVsockConnectTimeout is how long a spread guest gets to accept a
+// host's vsock connection. A guest on one node answers in milliseconds
+// (2 s is the device's default, as Firecracker's); a spread one, whose
+// agent waits for pages from other nodes, took longer than 2 s in virt
+// nodes and the launcher's "staging the job script" failed with the
+// connection closed before any reply (2026-12-03, debian12 on 2 nodes).
+const SpreadVsockConnectTimeout = time.Minute
 
 // spreadSettings are kernel command-line settings for a guest spread over
 // slices, each found by measuring where such a guest's boot spends its

@@ -119,10 +119,12 @@ func spanRun(t *testing.T, ctx context.Context, c *VirtCluster, work, name, scri
 	}
 	out, errf := filepath.Join(work, name+".out"), filepath.Join(work, name+".err")
 	env := "HPCVM_LAUNCH_DEBUG=1"
-	if p := os.Getenv("HPCVM_SLICE_CPUPROFILE"); p != "" {
-		// Each slice's Go CPU profile (cmd/hpcvm/profile.go), through the
-		// job's environment.
-		env += " HPCVM_SLICE_CPUPROFILE=" + strings.ReplaceAll(p, "%j", name)
+	profDir := os.Getenv("HPCVM_E2E_SLICE_CPUPROFILE_DIR")
+	if profDir != "" {
+		// Each slice's Go CPU profile (cmd/hpcvm/profile.go), passed in
+		// the job's environment, written into the lab's work directory
+		// (which the nodes share) and copied out after the job.
+		env += " HPCVM_SLICE_CPUPROFILE=" + filepath.Join(work, name+"-slice-%d.pprof")
 	}
 	id, _, err := Submit(ctx, c, fmt.Sprintf("%s sbatch %s -o %s -e %s %s", env, opts, out, errf, path))
 	if err != nil {
@@ -131,6 +133,14 @@ func spanRun(t *testing.T, ctx context.Context, c *VirtCluster, work, name, scri
 	j, err := WaitJob(ctx, c, id)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if profDir != "" {
+		profs, _ := filepath.Glob(filepath.Join(work, name+"-slice-*.pprof"))
+		for _, p := range profs {
+			if b, err := os.ReadFile(p); err == nil && os.WriteFile(filepath.Join(profDir, filepath.Base(p)), b, 0o644) == nil {
+				t.Logf("slice CPU profile: %s", filepath.Join(profDir, filepath.Base(p)))
+			}
+		}
 	}
 	o, _ := os.ReadFile(out)
 	e, _ := os.ReadFile(errf)

@@ -102,7 +102,7 @@ func TestReplicatedTablesKeepExactOutcomes(t *testing.T) {
 
 // replicaPair is two nodes sharing the page tables of tables (pfn ->
 // level) as replicas.
-func replicaPair(t *testing.T, tables TableSet, failed chan<- error) *nodePair {
+func replicaPair(t testing.TB, tables TableSet, failed chan<- error) *nodePair {
 	p := newNodePair(t, func(i int, err error) {
 		select {
 		case failed <- fmt.Errorf("node %d: %w", i, err):
@@ -503,4 +503,28 @@ func TestDescribeAddrWalksLocalReplicas(t *testing.T) {
 	if got := p.nodes[1].DescribeAddr(data*PageSize, va); !strings.Contains(got, "not on this slice (invalid)") {
 		t.Errorf("walk through a page this slice lacks: %q", got)
 	}
+}
+
+// BenchmarkPublishReplicas times one publish over 100 replicated tables
+// with nothing changed (the common case: a message with no table write
+// since the last) and with one word changed in one table (the word loop
+// runs for that page only). docs/dsm.md, "Replicated page tables".
+func BenchmarkPublishReplicas(b *testing.B) {
+	tables := TableSet{}
+	for pfn := uint64(0x100); pfn < 0x100+100; pfn++ {
+		tables[pfn] = 1
+	}
+	failed := make(chan error, 2)
+	p := replicaPair(b, tables, failed)
+	b.Run("unchanged", func(b *testing.B) {
+		for i := 0; i < b.N; i++ {
+			p.nodes[0].publish()
+		}
+	})
+	b.Run("one-word", func(b *testing.B) {
+		for i := 0; i < b.N; i++ {
+			p.setWord(0, 0x100+uint64(i%100), 3, uint64(i)<<12|ptePresent)
+			p.nodes[0].publish()
+		}
+	})
 }

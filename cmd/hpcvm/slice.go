@@ -164,7 +164,7 @@ func newSliceFlags() *sliceFlags {
 	f.console = fs.String("console", "", "write the guest's serial console to `FILE` (slice 0; default: stderr)")
 	f.timeout = fs.String("timeout", "0", "stop with an error after `DURATION` (e.g. 10m; 0: no limit)")
 	f.hold = fs.String("hold", "0", "keep a page granted for writing at least `DURATION` before giving it up (e.g. 2ms; damps page-table ping-pong; 0: off)")
-	f.vcpuNice = fs.Int("vcpu-nice", 10, "nice `N` (0-19) of the vCPU threads: the threads that serve the other slices' page requests keep the process's own priority, so a busy vCPU does not delay them (0: unchanged)")
+	f.vcpuNice = fs.Int("vcpu-nice", 0, "nice `N` (0-19) of the vCPU threads, the process's other threads (serving the other slices' page requests) keeping their priority (0: unchanged; docs/dsm.md: on one-CPU virt nodes 10 starved the vCPUs)")
 	f.stopSignal = fs.String("stop-signal", "", "stop only on `SIGNAL` (e.g. SIGUSR1) and exit 0; SIGINT, SIGTERM and SIGHUP are then caught and ignored (a slice of a Slurm job step, as hpcvm vm run --stop-signal)")
 	f.replicateTables = fs.Bool("replicate-tables", false, "replicate page-table pages instead of moving them: a micro-guest's tables, or a --kernel guest's static kernel tables (docs/dsm.md, \"Replicated page tables\")")
 	f.numa = fs.Bool("numa", false, "describe each slice that runs vCPUs as a NUMA node of a --kernel guest (ACPI SRAT/SLIT; docs/dsm.md, \"Linux guests\")")

@@ -54,11 +54,10 @@ type Config struct {
 	// Hooks, if set, take part in every vCPU's run loop (distributed.go).
 	Hooks Hooks
 	// VCPUNice, if positive, is the nice value of the vCPU threads (the
-	// rest of the process keeps its own). A slice of a distributed VM uses
-	// it so that, on a node whose CPUs its vCPUs keep busy, the threads
-	// serving the other slices' page requests run as soon as a request
-	// arrives instead of waiting for the vCPU's time slice to end: the
-	// other slice's vCPU is stalled until they do (docs/dsm.md).
+	// rest of the process keeps its own): for a slice of a distributed VM,
+	// so that threads serving the other slices' page requests need not
+	// wait for a vCPU's time slice. Off by default: on one-CPU virt nodes
+	// it starved the vCPUs instead (docs/dsm.md, Status, session 10).
 	VCPUNice int
 }
 

@@ -119,6 +119,11 @@ func spanRun(t *testing.T, ctx context.Context, c *VirtCluster, work, name, scri
 	}
 	out, errf := filepath.Join(work, name+".out"), filepath.Join(work, name+".err")
 	env := "HPCVM_LAUNCH_DEBUG=1"
+	// HPCVM_E2E_JOB_ENV: extra VAR=VALUE words for the job's environment
+	// (which the launcher and the slices inherit), e.g. GOMAXPROCS=2.
+	if extra := strings.Fields(os.Getenv("HPCVM_E2E_JOB_ENV")); len(extra) > 0 {
+		env += " " + strings.Join(extra, " ")
+	}
 	profDir := os.Getenv("HPCVM_E2E_SLICE_CPUPROFILE_DIR")
 	if profDir != "" {
 		// Each slice's Go CPU profile (cmd/hpcvm/profile.go), passed in

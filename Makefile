@@ -39,7 +39,7 @@ unit:
 # kvm-in-node: every package of KVM_PKGS, compiled here and run in one
 # virt node; a skip for want of KVM or userfaultfd fails it.
 .PHONY: kvm-in-node
-kvm-in-node: build node-assets guest-kernel
+kvm-in-node: build node-assets
 	HPCVM_E2E_REQUIRE=1 HPCVM_BIN=$(BIN)/hpcvm HPCVM_E2E_KVM_PKGS="$(KVM_PKGS)" $(GO) test -tags e2e -count=1 -v \
 		-timeout 90m -run 'TestKVMTestsInNode' ./test/e2e/
 

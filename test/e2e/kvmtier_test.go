@@ -12,8 +12,6 @@ import (
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/hpcvm/hpcvm/test/guestvm"
 )
 
 // TestKVMTestsInNode runs the fast tier's KVM tests (micro-guests, the
@@ -41,20 +39,14 @@ func TestKVMTestsInNode(t *testing.T) {
 		t.Fatal(err)
 	}
 	bins := t.TempDir()
-	// vmm/boot enters a real kernel when told where one is; the guest
-	// kernel is built by then if `make unit` runs as part of `make test`.
-	var env []string
-	a := guestvm.FindArtifacts()
-	for _, kv := range [][2]string{{"HPCVM_TEST_BZIMAGE", a.BzImage}, {"HPCVM_TEST_VMLINUX", a.Vmlinux}} {
-		if _, err := os.Stat(kv[1]); err == nil {
-			env = append(env, kv[0]+"="+kv[1])
-		}
-	}
+	// vmm/boot's real-kernel test (HPCVM_TEST_BZIMAGE) is not given a
+	// kernel here: nested in a node a Linux guest resets now and then, and
+	// TestBoot in this package boots the same kernels with a retry for that
+	// (docs/testing.md).
 	for _, pkg := range pkgs {
 		pkg := pkg
 		name := strings.ReplaceAll(strings.Trim(filepath.Clean(pkg), "./"), "/", "_")
 		t.Run(name, func(t *testing.T) {
-			r := node(t) // restarted if an earlier package left it dead or hung
 			bin := filepath.Join(bins, name+".test")
 			build := exec.Command("go", "test", "-c", "-o", bin, pkg)
 			build.Dir = root
@@ -66,21 +58,34 @@ func TestKVMTestsInNode(t *testing.T) {
 			}
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
 			defer cancel()
-			start := time.Now()
-			res, err := r.Node.Run(ctx, fmt.Sprintf("cd %s && %s %s -test.v -test.short -test.count=1 -test.timeout 25m 2>&1",
-				filepath.Join(root, pkg), strings.Join(env, " "), bin))
-			took := time.Since(start).Round(time.Second)
-			out := res.Stdout + res.Stderr
-			logPath := filepath.Join(bins, name+".log")
-			os.WriteFile(logPath, []byte(out), 0o644)
-			if err != nil || res.ExitCode != 0 {
+			// One rerun after a failure: nested in an emulated node, KVM
+			// guests now and then die for the node's own reasons (docs/testing.md,
+			// "Pitfalls"). The first failure is logged in full; a package that
+			// fails twice fails the test.
+			var out string
+			for attempt := 1; ; attempt++ {
+				r := node(t) // restarted if a failure left it dead or hung
+				start := time.Now()
+				res, err := r.Node.Run(ctx, fmt.Sprintf("cd %s && %s -test.v -test.short -test.count=1 -test.timeout 25m 2>&1",
+					filepath.Join(root, pkg), bin))
+				took := time.Since(start).Round(time.Second)
+				out = res.Stdout + res.Stderr
+				if err == nil && res.ExitCode == 0 {
+					t.Logf("%s in the node: attempt %d passed in %v", pkg, attempt, took)
+					break
+				}
 				if crash := crashContext(r.Node.Console(), 50); crash != "" {
 					t.Logf("the node's kernel crashed under %s:\n%s", pkg, crash)
 				}
-				t.Fatalf("%s in the node: exit %d, err %v after %v; output tail:\n%s", pkg, res.ExitCode, err, took, tail(out, 60))
+				msg := fmt.Sprintf("%s in the node, attempt %d: exit %d, err %v after %v; failures:\n%s\noutput tail:\n%s",
+					pkg, attempt, res.ExitCode, err, took, failures(out), tail(out, 30))
+				if attempt == 2 {
+					t.Fatal(msg)
+				}
+				t.Logf("%s; running it again", msg)
 			}
 			pass, skips := summarize(out)
-			t.Logf("%s in the node: %d tests passed in %v", pkg, pass, took)
+			t.Logf("%s in the node: %d tests passed", pkg, pass)
 			if pass == 0 {
 				t.Errorf("%s: no test passed in the node; output tail:\n%s", pkg, tail(out, 40))
 			}
@@ -132,6 +137,21 @@ func crashContext(console string, n int) string {
 		}
 	}
 	return ""
+}
+
+// failures returns each "--- FAIL" line of a test binary's -v output
+// with the log lines its test printed before it.
+func failures(out string) string {
+	lines := strings.Split(out, "\n")
+	var b strings.Builder
+	for i, l := range lines {
+		if strings.Contains(l, "--- FAIL") {
+			for j := max(0, i-15); j <= i; j++ {
+				b.WriteString(lines[j] + "\n")
+			}
+		}
+	}
+	return b.String()
 }
 
 func tail(s string, n int) string {

@@ -163,6 +163,13 @@ var spreadSettings = []struct{ param, value string }{
 	// scheduler runs on whichever vCPU is idle: in a spread guest, the
 	// other slice's. Nothing uses them (Unix98 ptys are /dev/pts).
 	{"pty.legacy_count", "0"},
+	// RCU's stall warnings, at the default 21 s, fire over and over in a
+	// guest whose pages cross nodes, and each is printed on the 8250 with
+	// interrupts off: from a vCPU on another slice every byte is a port
+	// write forwarded to slice 0. Stopped debian12 guests had a vCPU in
+	// io_serial_out doing that (docs/dsm.md, Status, session 10). 300 s
+	// is the kernel's maximum: real stalls are still reported.
+	{"rcupdate.rcu_cpu_stall_timeout", "300"},
 }
 
 // withSpreadSettings appends the spreadSettings the command line does not

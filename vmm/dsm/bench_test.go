@@ -56,6 +56,13 @@ func newNodePair(b testing.TB, onFail func(i int, err error)) *nodePair {
 // newNodes connects n nodes over loopback, as newNodePair.
 func newNodes(b testing.TB, n int, onFail func(i int, err error)) *nodePair {
 	b.Helper()
+	return newNodesWith(b, n, onFail, nil)
+}
+
+// newNodesWith is newNodes with mod (if not nil) adjusting each node's
+// configuration before the node starts.
+func newNodesWith(b testing.TB, n int, onFail func(i int, err error), mod func(i int, c *NodeConfig)) *nodePair {
+	b.Helper()
 	requireUFFD(b)
 	lns, addrs := loopbackListeners(b, n)
 	lg := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
@@ -80,14 +87,18 @@ func newNodes(b testing.TB, n int, onFail func(i int, err error)) *nodePair {
 		if errs[i] != nil {
 			b.Fatal(errs[i])
 		}
-		n, err := NewNode(NodeConfig{RAM: p.rams[i], Transport: p.trs[i], Logger: lg, BusyPoll: benchSpin(),
+		cfg := NodeConfig{RAM: p.rams[i], Transport: p.trs[i], Logger: lg, BusyPoll: benchSpin(),
 			OnFail: func(err error) {
 				if onFail != nil {
 					onFail(i, err)
 				} else {
 					b.Errorf("node %d failed: %v", i, err)
 				}
-			}})
+			}}
+		if mod != nil {
+			mod(i, &cfg)
+		}
+		n, err := NewNode(cfg)
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -109,7 +120,7 @@ func newNodes(b testing.TB, n int, onFail func(i int, err error)) *nodePair {
 // kernelReader/kernelWriter touch a guest page from inside a syscall.
 type pipe struct{ r, w int }
 
-func newPipe(b *testing.B) pipe {
+func newPipe(b testing.TB) pipe {
 	var fds [2]int
 	if err := unix.Pipe2(fds[:], unix.O_CLOEXEC); err != nil {
 		b.Fatal(err)

@@ -127,6 +127,7 @@ type Stats struct {
 	Replicated              atomic.Int64 // pages this slice started holding as replicas
 	UpdatesSent             atomic.Int64 // update frames published
 	UpdatesApplied          atomic.Int64 // update frames received
+	ZeroFilled              atomic.Int64 // untouched pages populated with zeros in runs
 }
 
 // NodeConfig configures a Node.
@@ -153,6 +154,9 @@ type NodeConfig struct {
 	// Tables classifies page-table pages, which are replicated rather
 	// than moved (replica.go); nil: none. SetTables changes it later.
 	Tables TableClassifier
+	// ZeroRunPages is how many untouched pages a first touch populates
+	// at once (0: zeroRunPages; 1: only the touched page).
+	ZeroRunPages int
 }
 
 // Node is one slice's coherence engine. It implements memory.Guest.
@@ -170,6 +174,8 @@ type Node struct {
 	onFail   func(error)
 	control  func(int, *Msg)
 	zero     []byte
+	zeroes   []byte // zeroRun pages of zeros
+	zeroRun  int    // pages per first-touch fill of untouched RAM (NodeConfig.ZeroRunPages)
 	busyPoll time.Duration
 	hold     time.Duration
 	epoch    time.Time // origin of page.grantedAt
@@ -213,7 +219,13 @@ func newNode(cfg NodeConfig) (*Node, error) {
 	}
 	nd := &Node{id: tr.ID(), n: tr.N(), ram: cfg.RAM, tr: tr, log: cfg.Logger.With("slice", tr.ID()),
 		onFail: cfg.OnFail, control: cfg.Control, zero: make([]byte, PageSize), pending: map[uint64]chan Msg{},
+
 		busyPoll: cfg.BusyPoll, hold: cfg.Hold, epoch: time.Now()}
+	nd.zeroRun = cfg.ZeroRunPages
+	if nd.zeroRun <= 0 {
+		nd.zeroRun = zeroRunPages
+	}
+	nd.zeroes = make([]byte, nd.zeroRun*PageSize)
 	nd.rep.init(nd.n)
 	nd.ctx, nd.cancel = context.WithCancel(context.Background())
 	nd.SetTables(cfg.Tables)
@@ -354,14 +366,9 @@ func (nd *Node) pfn(idx int) uint64 {
 }
 
 func (nd *Node) hostPage(idx int) []byte {
-	for i := len(nd.regs) - 1; i >= 0; i-- {
-		r := nd.regs[i]
-		if idx >= r.first {
-			off := (idx - r.first) * PageSize
-			return r.host[off : off+PageSize]
-		}
-	}
-	panic("dsm: bad page index")
+	r := nd.regionOf(idx)
+	off := (idx - r.first) * PageSize
+	return r.host[off : off+PageSize]
 }
 
 func (nd *Node) home(pfn uint64) int { return int(pfn % uint64(nd.n)) }
@@ -428,7 +435,11 @@ func (nd *Node) onFault(idx int, write bool) error {
 	p.mu.Lock()
 	if p.st.usable(write) {
 		var err error
-		if !p.mapped {
+		switch {
+		case p.mapped:
+		case p.st == exclusive:
+			err = nd.installZeroRunLocked(idx)
+		default:
 			err = nd.installLocked(idx, nil, p.st == shared)
 		}
 		p.mu.Unlock()
@@ -505,6 +516,93 @@ func (nd *Node) ctxErr() error {
 		return err
 	}
 	return errors.New("dsm: node closed")
+}
+
+// zeroRunPages is how many pages a first touch of untouched RAM populates
+// at once (an aligned window, 256 KiB): slice 0 owns every page at start,
+// and a booting guest touches its RAM in runs, so one UFFDIO_COPY then
+// stands for up to 64 userfaultfd round trips through this process. The
+// extra pages cost host memory only where the guest touched a neighbour.
+const zeroRunPages = 64
+
+// installZeroRunLocked populates page idx, exclusive and not mapped (so
+// zeros), together with its neighbours in idx's aligned zeroRun window
+// that are exclusive and not mapped too, with one writable UFFDIO_COPY of
+// zeros. p.mu of idx is held; a neighbour whose lock is busy ends the run
+// on its side (TryLock: no lock order to keep).
+func (nd *Node) installZeroRunLocked(idx int) error {
+	w := nd.zeroRun
+	if w <= 1 {
+		return nd.installLocked(idx, nil, false)
+	}
+	r := nd.regionOf(idx)
+	lo := max(r.first, idx-idx%w)
+	hi := min(r.first+len(r.host)/PageSize, idx-idx%w+w)
+	take := func(j int) bool {
+		q := &nd.pages[j]
+		if !q.mu.TryLock() {
+			return false
+		}
+		if q.st != exclusive || q.mapped {
+			q.mu.Unlock()
+			return false
+		}
+		return true
+	}
+	a, b := idx, idx+1 // the run is [a, b)
+	for a > lo && take(a-1) {
+		a--
+	}
+	for b < hi && take(b) {
+		b++
+	}
+	defer func() {
+		for j := a; j < b; j++ {
+			if j != idx {
+				nd.pages[j].mu.Unlock()
+			}
+		}
+	}()
+	off := (a - r.first) * PageSize
+	// No wake: the caller wakes the faulting thread once the run's state
+	// is recorded; faults on the neighbours are woken as their events come.
+	err := nd.u.Copy(uffd.Addr(r.host[off:]), nd.zeroes[:(b-a)*PageSize], false, true)
+	if errors.Is(err, uffd.ErrExist) && b-a > 1 {
+		// A page of the run was populated behind our back (should not
+		// happen). Keep what such a neighbour holds, fill the others one
+		// by one (installLocked replaces page idx itself, as before).
+		resident := make([]byte, b-a)
+		if err := mincore(r.host[off:off+(b-a)*PageSize], resident); err != nil {
+			return fmt.Errorf("dsm: mincore on guest RAM: %w", err)
+		}
+		for j := a; j < b; j++ {
+			if j != idx && resident[j-a]&1 != 0 {
+				nd.log.Warn("dsm: page unexpectedly present, kept", "pfn", nd.pfn(j))
+				nd.pages[j].mapped = true
+			} else if err := nd.installLocked(j, nil, false); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	for j := a; j < b; j++ {
+		nd.pages[j].mapped = true
+	}
+	nd.Stats.ZeroFilled.Add(int64(b - a))
+	return nil
+}
+
+// regionOf returns the region holding page idx.
+func (nd *Node) regionOf(idx int) region {
+	for i := len(nd.regs) - 1; i >= 0; i-- {
+		if idx >= nd.regs[i].first {
+			return nd.regs[i]
+		}
+	}
+	panic("dsm: bad page index")
 }
 
 // installLocked populates page idx with data (nil: zeros), write-protected

@@ -97,6 +97,7 @@ type StatsSnapshot struct {
 	IOForwarded, IOServed, IRQsSent, IRQsReceived                         int64
 	Held                                                                  int64
 	Replicated, UpdatesSent, UpdatesApplied                               int64
+	ZeroFilled                                                            int64
 }
 
 // Snapshot copies the counters.
@@ -104,7 +105,7 @@ func (s *Stats) Snapshot() StatsSnapshot {
 	return StatsSnapshot{s.ReadFaults.Load(), s.WriteFaults.Load(), s.Requests.Load(), s.HomeServed.Load(),
 		s.Invalidations.Load(), s.Fetches.Load(), s.IOForwarded.Load(), s.IOServed.Load(),
 		s.IRQsSent.Load(), s.IRQsReceived.Load(), s.Held.Load(),
-		s.Replicated.Load(), s.UpdatesSent.Load(), s.UpdatesApplied.Load()}
+		s.Replicated.Load(), s.UpdatesSent.Load(), s.UpdatesApplied.Load(), s.ZeroFilled.Load()}
 }
 
 // machine returns the slice's machine once it exists (else nil).

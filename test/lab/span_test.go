@@ -77,9 +77,9 @@ func TestVirtLabSpanJob(t *testing.T) {
 			ctx := testCtx(t, time.Duration(nodes)*per)
 			work := filepath.Join(c.Dir, "work")
 			if cases["job"] {
-				spread := spanJob(t, ctx, c, work, image, parsum, nodes)
+				spread, boot := spanJob(t, ctx, c, work, image, parsum, nodes)
 				if cases["ref"] {
-					spanReference(t, ctx, c, work, image, parsum, nodes, spread)
+					spanReference(t, ctx, c, work, image, parsum, nodes, spread, boot)
 				}
 			}
 			if nodes == 2 || len(counts) == 1 {
@@ -192,12 +192,15 @@ func spanRun(t *testing.T, ctx context.Context, c *VirtCluster, work, name, scri
 }
 
 // spanJob runs the parsum job across all nodes, checks its output and
-// returns the bound run's time in seconds.
-func spanJob(t *testing.T, ctx context.Context, c *VirtCluster, work, image string, parsum []byte, nodes int) float64 {
+// returns the bound run's time in seconds and the guest's boot time (the
+// launcher's start to its agent's answer).
+func spanJob(t *testing.T, ctx context.Context, c *VirtCluster, work, image string, parsum []byte, nodes int) (float64, time.Duration) {
 	start := time.Now()
 	id, j, o, e := spanRun(t, ctx, c, work, "span", spanScript(parsum, parsumN(), ""),
 		fmt.Sprintf("-N %d --vm-image=%s --vm-console=%s/span-console.log", nodes, image, work))
 	t.Logf("job %s: %s %s after %v\nstdout:\n%s", id, j.State, j.ExitCode, time.Since(start).Round(time.Second), o)
+	boot, online := launchPhases(e)
+	t.Logf("spread guest: agent ready %v after the launcher started the VM; vCPUs online %v later", boot, online)
 	if j.State != "COMPLETED" || j.ExitCode != "0:0" {
 		t.Logf("guest console, last lines:\n%s", tail(filepath.Join(work, "span-console.log"), 40))
 		t.Fatalf("job %s: %s %s, want COMPLETED 0:0\nstderr:\n%s", id, j.State, j.ExitCode, e)
@@ -221,13 +224,34 @@ func spanJob(t *testing.T, ctx context.Context, c *VirtCluster, work, image stri
 	t.Logf("parsum, threads bound, across %d nodes: %s s", nodes, m[3])
 	noHpcvmLeft(t, ctx, c)
 	secs, _ := strconv.ParseFloat(m[3], 64)
-	return secs
+	return secs, boot
+}
+
+// launchPhases reads the launcher's debug log (HPCVM_LAUNCH_DEBUG=1, the
+// job's stderr): the time from "starting VM" to "guest agent ready", and
+// the onlining's own duration ("vCPUs online" took=; 0 on one node).
+func launchPhases(stderr []byte) (boot, online time.Duration) {
+	at := func(msg string) time.Time {
+		m := regexp.MustCompile(`time=(\S+) level=\S+ msg="` + msg + `"`).FindSubmatch(stderr)
+		if m == nil {
+			return time.Time{}
+		}
+		ts, _ := time.Parse(time.RFC3339Nano, string(m[1]))
+		return ts
+	}
+	if s, a := at("starting VM"), at("guest agent ready"); !s.IsZero() && !a.IsZero() {
+		boot = a.Sub(s)
+	}
+	if m := regexp.MustCompile(`msg="vCPUs online" .*took=(\S+)`).FindSubmatch(stderr); m != nil {
+		online, _ = time.ParseDuration(string(m[1]))
+	}
+	return boot, online
 }
 
 // spanReference runs the same program, with as many threads, in a VM on
 // one node (sbatch -N 1: a single VM, one vCPU), in the same lab, and logs
 // the spread run's time against it. The sum must be exact here too.
-func spanReference(t *testing.T, ctx context.Context, c *VirtCluster, work, image string, parsum []byte, nodes int, spread float64) {
+func spanReference(t *testing.T, ctx context.Context, c *VirtCluster, work, image string, parsum []byte, nodes int, spread float64, spreadBoot time.Duration) {
 	id, j, o, e := spanRun(t, ctx, c, work, "ref", spanScript(parsum, parsumN(), fmt.Sprintf("-t %d", nodes)),
 		"-N 1 --vm-image="+image)
 	m := regexp.MustCompile(`PARSUM threads=(\d+) bind=1 .* ok=1 cpus=\S+ seconds=(\S+)`).FindStringSubmatch(string(o))
@@ -236,6 +260,9 @@ func spanReference(t *testing.T, ctx context.Context, c *VirtCluster, work, imag
 	}
 	one, _ := strconv.ParseFloat(m[2], 64)
 	t.Logf("parsum (%s threads, bound) in a VM on 1 node: %s s; across %d nodes: %.3f s (%.1fx the 1-node time)", m[1], m[2], nodes, spread, spread/one)
+	if boot, _ := launchPhases(e); boot > 0 && spreadBoot > 0 {
+		t.Logf("boot to the guest agent: on 1 node %v; across %d nodes %v (%.1fx)", boot, nodes, spreadBoot, spreadBoot.Seconds()/boot.Seconds())
+	}
 	noHpcvmLeft(t, ctx, c)
 }
 
@@ -254,7 +281,7 @@ func spanStarted(t *testing.T, ctx context.Context, c *VirtCluster, work, image,
 	script := filepath.Join(work, name+".sh")
 	os.WriteFile(script, []byte("#!/bin/sh\ntrap 'echo got-TERM; exit 143' TERM\necho started\nsleep 600 & wait\n"), 0o755)
 	out, errf = filepath.Join(work, name+".out"), filepath.Join(work, name+".err")
-	id, _, err := Submit(ctx, c, fmt.Sprintf("sbatch -N %d --vm-image=%s -o %s -e %s %s", nodes, image, out, errf, script))
+	id, _, err := Submit(ctx, c, fmt.Sprintf("HPCVM_LAUNCH_DEBUG=1 sbatch -N %d --vm-image=%s -o %s -e %s %s", nodes, image, out, errf, script))
 	if err != nil {
 		t.Fatal(err)
 	}

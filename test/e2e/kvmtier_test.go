@@ -74,7 +74,7 @@ func TestKVMTestsInNode(t *testing.T) {
 					t.Logf("%s in the node: attempt %d passed in %v", pkg, attempt, took)
 					break
 				}
-				if crash := crashContext(r.Node.Console(), 50); crash != "" {
+				if crash := r.Node.KernelCrashContext(50); crash != "" {
 					t.Logf("the node's kernel crashed under %s:\n%s", pkg, crash)
 				}
 				msg := fmt.Sprintf("%s in the node, attempt %d: exit %d, err %v after %v; failures:\n%s\noutput tail:\n%s",
@@ -123,20 +123,6 @@ func summarize(out string) (pass int, skips []string) {
 		}
 	}
 	return pass, skips
-}
-
-// crashContext returns the console from n lines before the node kernel's
-// first oops or panic report on, or "" if there is none.
-func crashContext(console string, n int) string {
-	lines := strings.Split(console, "\n")
-	for i, l := range lines {
-		if strings.Contains(l, "Kernel panic") || strings.Contains(l, "Oops") || strings.Contains(l, "BUG: ") ||
-			strings.Contains(l, "general protection fault") || strings.Contains(l, "WARNING: ") {
-			lo := max(0, i-5)
-			return strings.Join(lines[lo:min(len(lines), i+n)], "\n")
-		}
-	}
-	return ""
 }
 
 // failures returns each "--- FAIL" line of a test binary's -v output

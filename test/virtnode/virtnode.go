@@ -607,6 +607,22 @@ func (n *Node) KernelCrash() string {
 	return ""
 }
 
+// KernelCrashContext returns the node's console of the current boot from
+// 5 lines before its kernel's first oops, panic or WARNING report to n
+// lines after it, or "" if there is none: what a test logs when a command
+// failed on a node whose kernel may have been the cause.
+func (n *Node) KernelCrashContext(after int) string {
+	lines := strings.Split(n.Console(), "\n")
+	for i, l := range lines {
+		for _, m := range append(kernelCrashMarks, "WARNING: ") {
+			if strings.Contains(l, m) {
+				return strings.Join(lines[max(0, i-5):min(len(lines), i+after)], "\n")
+			}
+		}
+	}
+	return ""
+}
+
 // ErrNodeHung is returned (wrapped) by Proc.Wait when the node hangs.
 var ErrNodeHung = errors.New("virt node hung")
 

@@ -251,11 +251,19 @@ func (l *Launcher) Run(ctx context.Context) int {
 			if s == syscall.SIGTERM && grace == nil {
 				grace = time.After(l.Opts.TermGrace)
 			}
-			sctx, scancel := context.WithTimeout(ctx, 5*time.Second)
-			if err := p.Signal(sctx, s); err != nil {
-				l.Log.Warn("forwarding a signal to the guest", "signal", s, "err", err)
-			}
-			scancel()
+			// Each signal is forwarded on its own connection, in the
+			// background: the loop keeps watching the command and the
+			// grace, and Slurm's SIGCONT (scancel sends it before SIGTERM)
+			// does not hold SIGTERM up. A guest spread over nodes took
+			// more than 5 s to accept the connection (debian12, 2 nodes),
+			// so a forward may take as long as the grace.
+			go func() {
+				sctx, scancel := context.WithTimeout(ctx, max(signalForwardTimeout, l.Opts.TermGrace))
+				defer scancel()
+				if err := p.Signal(sctx, s); err != nil && ctx.Err() == nil {
+					l.Log.Warn("forwarding a signal to the guest", "signal", s, "err", err)
+				}
+			}()
 		case <-grace:
 			fmt.Fprintf(l.Stderr, "hpcvm: the job did not end %v after SIGTERM; stopping the VM\n", l.Opts.TermGrace)
 			return ExitTermed
@@ -289,6 +297,10 @@ done`
 func jobAffinity(argv []string, cpus int) []string {
 	return append([]string{"taskset", "-c", fmt.Sprintf("0-%d", cpus-1)}, argv...)
 }
+
+// signalForwardTimeout is the least time a signal forward to the guest
+// command gets (the grace, when longer, bounds it instead).
+const signalForwardTimeout = 5 * time.Second
 
 // vmStopWait is how long a lost agent connection waits for the VM's own
 // end, whose error says more.

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -74,6 +75,9 @@ type fakeBooter struct {
 	noBoot bool // the agent never answers
 	plans  []*Plan
 	guest  *fakeGuest
+	// wrap, if set, wraps the agent's listener (kept in listener).
+	wrap     func(net.Listener) net.Listener
+	listener net.Listener
 }
 
 func (b *fakeBooter) Boot(ctx context.Context, p *Plan) (Guest, error) {
@@ -88,6 +92,10 @@ func (b *fakeBooter) Boot(ctx context.Context, p *Plan) (Guest, error) {
 	if err != nil {
 		return nil, err
 	}
+	if b.wrap != nil {
+		l = b.wrap(l)
+	}
+	b.listener = l
 	srv := server.New(server.Config{Version: "fake", Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), DrainTimeout: time.Second})
 	sctx, cancel := context.WithCancel(context.Background())
 	go srv.Serve(sctx, l)
@@ -240,6 +248,41 @@ func TestSIGTERMForwardedToGuestCommand(t *testing.T) {
 		for !strings.Contains(e.stdout.String(), "ready") {
 			time.Sleep(10 * time.Millisecond)
 		}
+		e.signals <- syscall.SIGTERM
+	}()
+	if rc := e.run(t); rc != 9 {
+		t.Fatalf("exit status %d, want the trap's 9; stderr %q", rc, e.stderr)
+	}
+	if !strings.Contains(e.stdout.String(), "got-term") {
+		t.Errorf("stdout %q", e.stdout)
+	}
+}
+
+// slowListener delays each connection it accepts by delay once set: a
+// guest agent that is slow to accept (a guest spread over nodes).
+type slowListener struct {
+	net.Listener
+	delay atomic.Int64 // nanoseconds
+}
+
+func (l *slowListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	time.Sleep(time.Duration(l.delay.Load()))
+	return c, err
+}
+
+// TestSIGTERMForwardedToSlowAgent: an agent that takes 6 s to accept the
+// signal's connection (longer than a single-node forward's 5 s) still gets
+// SIGTERM within the grace, and the trap runs.
+func TestSIGTERMForwardedToSlowAgent(t *testing.T) {
+	e := newEnv(t, []string{"sh", "-c", "trap 'echo got-term; exit 9' TERM; echo ready; while :; do sleep 0.05; done"}, false, Wish{Image: "debian12"})
+	e.l.Opts.TermGrace = 15 * time.Second
+	e.booter.wrap = func(l net.Listener) net.Listener { return &slowListener{Listener: l} }
+	go func() {
+		for !strings.Contains(e.stdout.String(), "ready") {
+			time.Sleep(10 * time.Millisecond)
+		}
+		e.booter.listener.(*slowListener).delay.Store(int64(6 * time.Second))
 		e.signals <- syscall.SIGTERM
 	}()
 	if rc := e.run(t); rc != 9 {

@@ -117,9 +117,13 @@ func launchMain(args []string) int {
 	defer signal.Stop(sigs)
 	l := &launcher.Launcher{
 		Opts: o, Env: env, Environ: environ,
-		Policy:    launcher.ExecPolicy{Hpcvm: self, Dir: o.PolicyDir},
-		Images:    launcher.StoreImages{Dir: o.ImageStore},
-		Booter:    &launcher.SrunBooter{Hpcvm: self, Environ: environ, Log: log},
+		Policy: launcher.ExecPolicy{Hpcvm: self, Dir: o.PolicyDir},
+		Images: launcher.StoreImages{Dir: o.ImageStore},
+		// HPCVM_VMM_LOG keeps the slices' output (their errors, JSON
+		// summaries, HPCVM_SLICE_STATS_EVERY samples) in a file of the
+		// user's choosing: the default, in the runtime directory, goes
+		// with the job.
+		Booter:    &launcher.SrunBooter{Hpcvm: self, Environ: environ, Log: log, LogFile: os.Getenv(VMMLogEnv)},
 		Walltime:  func(ctx context.Context) int64 { return jobTimeLimit(ctx, env.JobID) },
 		NodeAddrs: nodeAddrs,
 		Signals:   sigs, Stdout: os.Stdout, Stderr: os.Stderr, Log: log,

@@ -43,15 +43,18 @@ type sliceOpts struct {
 	guest     string   // for messages: builtin:NAME or the file
 	results   []uint64 // guest-physical addresses printed at the end (slice 0)
 	timeout   time.Duration
-	hold      time.Duration  // coherence hold window (dsm.NodeConfig.Hold)
-	vcpuNice  int            // nice of the vCPU threads (dsm.SliceConfig.VCPUNice)
-	replicate bool           // replicated page tables (docs/dsm.md)
-	numa      bool           // each slice a NUMA node of the guest (--numa)
-	profile   time.Duration  // RIP sampling period (0: off)
-	stopSig   syscall.Signal // --stop-signal (0: SIGINT and SIGTERM stop the slice)
-	stopped   func() (os.Signal, bool)
-	verbose   bool
-	linux     *sliceLinux // a Linux guest instead of a micro-guest
+	hold      time.Duration // coherence hold window (dsm.NodeConfig.Hold)
+	vcpuNice  int           // nice of the vCPU threads (dsm.SliceConfig.VCPUNice)
+	replicate bool          // replicated page tables (docs/dsm.md)
+	numa      bool          // each slice a NUMA node of the guest (--numa)
+	profile   time.Duration // RIP sampling period (0: off)
+	// statsEvery and onStats: the periodic counters (StatsEveryEnv).
+	statsEvery time.Duration
+	onStats    func(dsm.StatsSnapshot)
+	stopSig    syscall.Signal // --stop-signal (0: SIGINT and SIGTERM stop the slice)
+	stopped    func() (os.Signal, bool)
+	verbose    bool
+	linux      *sliceLinux // a Linux guest instead of a micro-guest
 }
 
 // sliceLinux is the Linux guest of `hpcvm slice --kernel`.
@@ -402,6 +405,11 @@ func runSlice(o *sliceOpts, stdout io.Writer) int {
 	} else {
 		defer stop()
 	}
+	var err error
+	if o.statsEvery, o.onStats, err = statsReporter(os.Getenv(StatsEveryEnv), o.id, os.Stderr); err != nil {
+		fmt.Fprintf(os.Stderr, "hpcvm slice %d: %v\n", o.id, err)
+		return 2
+	}
 	ln, err := net.Listen("tcp", o.listen)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "hpcvm slice %d: listen on %s: %v\n", o.id, o.listen, err)
@@ -432,6 +440,8 @@ func runSlice(o *sliceOpts, stdout io.Writer) int {
 		// CR3 names them all.
 		ReplicateTables: o.replicate,
 		ProfileEvery:    o.profile,
+		StatsEvery:      o.statsEvery,
+		OnStats:         o.onStats,
 		Setup: func(h *dsm.Home) error {
 			return h.Machine.IO.Register("report", dsm.ReportPort, 1, rep)
 		},
@@ -513,6 +523,8 @@ func runLinuxSlice(ctx context.Context, o *sliceOpts, ln net.Listener, lg *slog.
 		// kernel tables are replicated (docs/dsm.md).
 		ReplicateKernelTables: o.replicate,
 		ProfileEvery:          o.profile,
+		StatsEvery:            o.statsEvery,
+		OnStats:               o.onStats,
 		NUMA:                  o.numa,
 	}
 	start := time.Now()

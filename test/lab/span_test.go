@@ -163,6 +163,9 @@ func spanRun(t *testing.T, ctx context.Context, c *VirtCluster, work, name, scri
 	if extra := strings.Fields(os.Getenv("HPCVM_E2E_JOB_ENV")); len(extra) > 0 {
 		env += " " + strings.Join(extra, " ")
 	}
+	// Every slice samples its counters every 5 s into the job's VMM log,
+	// kept in the work directory (trafficByPhase).
+	env += " HPCVM_SLICE_STATS_EVERY=5s HPCVM_VMM_LOG=" + filepath.Join(work, name+"-vmm.log")
 	profDir := os.Getenv("HPCVM_E2E_SLICE_CPUPROFILE_DIR")
 	if profDir != "" {
 		// Each slice's Go CPU profile (cmd/hpcvm/profile.go), passed in
@@ -201,6 +204,7 @@ func spanJob(t *testing.T, ctx context.Context, c *VirtCluster, work, image stri
 	t.Logf("job %s: %s %s after %v\nstdout:\n%s", id, j.State, j.ExitCode, time.Since(start).Round(time.Second), o)
 	boot, online := launchPhases(e)
 	t.Logf("spread guest: agent ready %v after the launcher started the VM; vCPUs online %v later", boot, online)
+	trafficByPhase(t, e, o, filepath.Join(work, "span-vmm.log"))
 	if j.State != "COMPLETED" || j.ExitCode != "0:0" {
 		t.Logf("guest console, last lines:\n%s", tail(filepath.Join(work, "span-console.log"), 40))
 		t.Fatalf("job %s: %s %s, want COMPLETED 0:0\nstderr:\n%s", id, j.State, j.ExitCode, e)
@@ -225,6 +229,109 @@ func spanJob(t *testing.T, ctx context.Context, c *VirtCluster, work, image stri
 	noHpcvmLeft(t, ctx, c)
 	secs, _ := strconv.ParseFloat(m[3], 64)
 	return secs, boot
+}
+
+// statsSample is one "slice stats" line of a slice (HPCVM_SLICE_STATS_EVERY).
+type statsSample struct {
+	at              time.Time
+	requests, bytes float64 // cumulative: pages requested, bytes sent
+}
+
+// sliceSamples reads each slice's "slice stats" lines from a VMM log.
+func sliceSamples(log []byte) map[int][]statsSample {
+	re := regexp.MustCompile(`time=(\S+) level=INFO msg="slice stats" slice=(\d+) .*requests=(\d+) .*bytes_sent=(\d+)`)
+	out := map[int][]statsSample{}
+	for _, m := range re.FindAllSubmatch(log, -1) {
+		at, err := time.Parse(time.RFC3339Nano, string(m[1]))
+		if err != nil {
+			continue
+		}
+		id, _ := strconv.Atoi(string(m[2]))
+		req, _ := strconv.ParseFloat(string(m[3]), 64)
+		b, _ := strconv.ParseFloat(string(m[4]), 64)
+		out[id] = append(out[id], statsSample{at, req, b})
+	}
+	return out
+}
+
+// cumulativeAt interpolates a slice's counters at t (nothing before its
+// first sample: the slice had just started; its last sample after).
+func cumulativeAt(s []statsSample, t time.Time) (req, bytes float64) {
+	if len(s) == 0 || t.Before(s[0].at) {
+		return 0, 0
+	}
+	for i := 1; i < len(s); i++ {
+		if !t.After(s[i].at) {
+			f := t.Sub(s[i-1].at).Seconds() / s[i].at.Sub(s[i-1].at).Seconds()
+			return s[i-1].requests + f*(s[i].requests-s[i-1].requests), s[i-1].bytes + f*(s[i].bytes-s[i-1].bytes)
+		}
+	}
+	last := s[len(s)-1]
+	return last.requests, last.bytes
+}
+
+// trafficByPhase logs the page requests and bytes the slices moved per
+// second in each phase of the spread job: boot (on the home slice alone),
+// bringing the other vCPUs online, the script up to parsum, and the two
+// parsum runs. The phases come from the launcher's log (stderr) and, for
+// parsum, from its own times counted back from the command's end (it is
+// the script's last program; what follows it is an rm).
+func trafficByPhase(t *testing.T, stderr, stdout []byte, vmmLog string) {
+	b, err := os.ReadFile(vmmLog)
+	if err != nil {
+		t.Logf("page traffic by phase: no VMM log: %v", err)
+		return
+	}
+	samples := sliceSamples(b)
+	at := func(msg string) time.Time {
+		m := regexp.MustCompile(`time=(\S+) level=\S+ msg="` + msg + `"`).FindSubmatch(stderr)
+		if m == nil {
+			return time.Time{}
+		}
+		ts, _ := time.Parse(time.RFC3339Nano, string(m[1]))
+		return ts
+	}
+	start, agent, online, end := at("starting VM"), at("guest agent ready"), at("vCPUs online"), at("guest command ended")
+	secs := func(re string) time.Duration {
+		m := regexp.MustCompile(re).FindSubmatch(stdout)
+		if m == nil {
+			return 0
+		}
+		f, _ := strconv.ParseFloat(string(m[1]), 64)
+		return time.Duration(f * float64(time.Second))
+	}
+	bound, unbound := secs(`bind=1 .* seconds=(\S+)`), secs(`bind=0 .* seconds=(\S+)`)
+	if len(samples) == 0 || start.IsZero() || agent.IsZero() || online.IsZero() || end.IsZero() {
+		t.Logf("page traffic by phase: %d slices sampled; launcher times start %v agent %v online %v end %v: not enough to split",
+			len(samples), start, agent, online, end)
+		return
+	}
+	phases := []struct {
+		name   string
+		t0, t1 time.Time
+	}{
+		{"boot (home slice alone)", start, agent},
+		{"other vCPUs brought online", agent, online},
+		{"script before parsum", online, end.Add(-bound - unbound)},
+		{"parsum, placed by Linux", end.Add(-bound - unbound), end.Add(-bound)},
+		{"parsum, bound one thread per vCPU", end.Add(-bound), end},
+	}
+	var tb strings.Builder
+	fmt.Fprintf(&tb, "%-36s %10s %14s %14s\n", "phase", "seconds", "requests/s", "KiB sent/s")
+	for _, ph := range phases {
+		d := ph.t1.Sub(ph.t0).Seconds()
+		if d <= 0 {
+			continue
+		}
+		var req, by float64
+		for _, s := range samples {
+			r0, b0 := cumulativeAt(s, ph.t0)
+			r1, b1 := cumulativeAt(s, ph.t1)
+			req, by = req+r1-r0, by+b1-b0
+		}
+		fmt.Fprintf(&tb, "%-36s %10.1f %14.1f %14.1f\n", ph.name, d, req/d, by/d/1024)
+	}
+	t.Logf("page traffic by phase, all slices (5 s samples, interpolated):\n%s", tb.String())
 }
 
 // launchPhases reads the launcher's debug log (HPCVM_LAUNCH_DEBUG=1, the

@@ -57,7 +57,12 @@ type SliceConfig struct {
 	// ProfileEvery, if set, samples the local vCPUs' guest RIP at this
 	// period (profile.go); the result is SliceResult.Profile.
 	ProfileEvery time.Duration
-	Logger       *slog.Logger
+	// StatsEvery, if set with OnStats, passes the slice's counters to
+	// OnStats at this period while the VM runs: page traffic over time
+	// (boot, a job's phases), where SliceResult.Stats has only the sum.
+	StatsEvery time.Duration
+	OnStats    func(StatsSnapshot)
+	Logger     *slog.Logger
 }
 
 // Home is what slice 0's Setup gets to attach the VM's devices.
@@ -98,14 +103,40 @@ type StatsSnapshot struct {
 	Held                                                                  int64
 	Replicated, UpdatesSent, UpdatesApplied                               int64
 	ZeroFilled                                                            int64
+	// BytesSent and BytesReceived: the slice's traffic with its peers
+	// (Transport.BytesSent, BytesReceived).
+	BytesSent, BytesReceived int64
 }
 
-// Snapshot copies the counters.
+// Snapshot copies the counters (the byte counts are the transport's:
+// RunSlice's results fill them in).
 func (s *Stats) Snapshot() StatsSnapshot {
-	return StatsSnapshot{s.ReadFaults.Load(), s.WriteFaults.Load(), s.Requests.Load(), s.HomeServed.Load(),
-		s.Invalidations.Load(), s.Fetches.Load(), s.IOForwarded.Load(), s.IOServed.Load(),
-		s.IRQsSent.Load(), s.IRQsReceived.Load(), s.Held.Load(),
-		s.Replicated.Load(), s.UpdatesSent.Load(), s.UpdatesApplied.Load(), s.ZeroFilled.Load()}
+	return StatsSnapshot{ReadFaults: s.ReadFaults.Load(), WriteFaults: s.WriteFaults.Load(), Requests: s.Requests.Load(),
+		HomeServed: s.HomeServed.Load(), Invalidations: s.Invalidations.Load(), Fetches: s.Fetches.Load(),
+		IOForwarded: s.IOForwarded.Load(), IOServed: s.IOServed.Load(), IRQsSent: s.IRQsSent.Load(),
+		IRQsReceived: s.IRQsReceived.Load(), Held: s.Held.Load(), Replicated: s.Replicated.Load(),
+		UpdatesSent: s.UpdatesSent.Load(), UpdatesApplied: s.UpdatesApplied.Load(), ZeroFilled: s.ZeroFilled.Load()}
+}
+
+// stats is the node's counters with the transport's byte counts.
+func (s *sliceRun) stats() StatsSnapshot {
+	st := s.node.Stats.Snapshot()
+	st.BytesSent, st.BytesReceived = s.tr.BytesSent.Load(), s.tr.BytesReceived.Load()
+	return st
+}
+
+// reportStats passes the counters to OnStats every StatsEvery until done.
+func (s *sliceRun) reportStats(done <-chan struct{}) {
+	tick := time.NewTicker(s.cfg.StatsEvery)
+	defer tick.Stop()
+	for {
+		select {
+		case <-done:
+			return
+		case <-tick.C:
+			s.cfg.OnStats(s.stats())
+		}
+	}
 }
 
 // machine returns the slice's machine once it exists (else nil).
@@ -316,6 +347,9 @@ func RunSlice(ctx context.Context, cfg SliceConfig) (SliceResult, error) {
 	if s.sampler != nil {
 		go s.sampler.run(runDone)
 	}
+	if cfg.StatsEvery > 0 && cfg.OnStats != nil {
+		go s.reportStats(runDone)
+	}
 	exit := m.Run(ctx)
 	close(runDone)
 	if exit.Kind != machine.ExitError && exit.Kind != machine.ExitStopped {
@@ -328,7 +362,7 @@ func RunSlice(ctx context.Context, cfg SliceConfig) (SliceResult, error) {
 		// Stopped locally (ctx) or failed: make sure the others stop too.
 		s.tr.Close()
 	}
-	res := SliceResult{Exit: exit, Stats: s.node.Stats.Snapshot(), HotPages: s.node.HotPages(10)}
+	res := SliceResult{Exit: exit, Stats: s.stats(), HotPages: s.node.HotPages(10)}
 	if s.sampler != nil {
 		res.Profile = s.sampler.profile(30)
 	}

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"runtime"
@@ -99,6 +100,21 @@ type Transport struct {
 
 	// Refused counts connections refused during authentication.
 	Refused atomic.Int64
+	// BytesSent and BytesReceived count the bytes of the frames sent to
+	// and read from the peers after the handshake (heartbeats included).
+	BytesSent, BytesReceived atomic.Int64
+}
+
+// countingReader counts the bytes read through it into n.
+type countingReader struct {
+	r io.Reader
+	n *atomic.Int64
+}
+
+func (c countingReader) Read(b []byte) (int, error) {
+	k, err := c.r.Read(b)
+	c.n.Add(int64(k))
+	return k, err
 }
 
 type peer struct {
@@ -271,7 +287,7 @@ func (t *Transport) readLoop(p *peer) {
 	// The handshake read exact frames, so nothing is buffered yet: from
 	// here on read through a buffer (header and payload in one system
 	// call).
-	fr := NewFrameReader(bufio.NewReaderSize(p.sock, 64<<10))
+	fr := NewFrameReader(bufio.NewReaderSize(countingReader{p.sock, &t.BytesReceived}, 64<<10))
 	for {
 		m, err := fr.Read()
 		if err != nil {
@@ -344,8 +360,8 @@ func (t *Transport) sendPeer(p *peer, m *Msg) error {
 		// Before Start (the failure notice of a refused peer).
 		p.conn.SetWriteDeadline(time.Now().Add(t.cfg.PeerTimeout))
 		_, err = p.conn.Write(p.wbuf)
-	} else {
-		err = p.sock.writeAll(p.wbuf)
+	} else if err = p.sock.writeAll(p.wbuf); err == nil {
+		t.BytesSent.Add(int64(len(p.wbuf)))
 	}
 	if err != nil {
 		return fmt.Errorf("sending %v to slice %d: %w", m.Type, p.id, err)

@@ -161,6 +161,18 @@ func TestMeshDeliversInOrder(t *testing.T) {
 			}
 		}
 	}
+	// The byte counters cover at least the page messages (heartbeats add
+	// to them); a message to self crosses no connection.
+	frame, err := AppendFrame(nil, &Msg{Type: MsgReadReq, ReqID: 1, Page: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	least := int64((n - 1) * count * len(frame))
+	for i, tr := range trs {
+		if s, r := tr.BytesSent.Load(), tr.BytesReceived.Load(); s < least || r < least {
+			t.Errorf("slice %d: %d bytes sent, %d received; want at least %d each", i, s, r, least)
+		}
+	}
 }
 
 // TestWrongSecretRefused: a slice with the wrong secret cannot join, and a

@@ -36,6 +36,9 @@ type SliceConfig struct {
 	// ProfileEvery: dsm.SliceConfig.ProfileEvery; the profile's addresses
 	// are named from the kernel's symbol table when VM.Kernel has one.
 	ProfileEvery time.Duration
+	// StatsEvery and OnStats: dsm.SliceConfig's (the counters over time).
+	StatsEvery time.Duration
+	OnStats    func(dsm.StatsSnapshot)
 	// NUMA describes each slice that runs vCPUs as a NUMA node of the guest
 	// (numaBySlice). Off by default: with nohz_full on the other slices'
 	// vCPUs, Linux leaves those out of idle load balancing, so new threads
@@ -98,6 +101,8 @@ func RunSlice(ctx context.Context, sc SliceConfig) (dsm.SliceResult, error) {
 		// The kernel's static page tables (docs/dsm.md).
 		ReplicateKernelTables: sc.ReplicateKernelTables,
 		ProfileEvery:          sc.ProfileEvery,
+		StatsEvery:            sc.StatsEvery,
+		OnStats:               sc.OnStats,
 		VCPUNice:              sc.VCPUNice,
 		Loader:                newLoader(&cfg, legacy),
 		Setup: func(h *dsm.Home) error {

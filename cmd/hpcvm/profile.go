@@ -40,6 +40,11 @@ func startCPUProfile(path string, id int) (func(), error) {
 	}, nil
 }
 
+// ProfileEnv is the default of `hpcvm slice --profile` (a period such as
+// 10ms): where the vCPUs are, sampled, in each slice's JSON summary, for
+// slices started by the Slurm launcher (with VMMLogEnv to keep them).
+const ProfileEnv = "HPCVM_SLICE_PROFILE"
+
 // VMMLogEnv names a file `hpcvm launch` appends the slices' (or the
 // VMM's) stdout and stderr to, instead of its runtime directory's vmm.log,
 // which is removed with the job.

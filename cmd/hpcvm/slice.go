@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"encoding/binary"
 	"encoding/json"
@@ -171,7 +172,7 @@ func newSliceFlags() *sliceFlags {
 	f.stopSignal = fs.String("stop-signal", "", "stop only on `SIGNAL` (e.g. SIGUSR1) and exit 0; SIGINT, SIGTERM and SIGHUP are then caught and ignored (a slice of a Slurm job step, as hpcvm vm run --stop-signal)")
 	f.replicateTables = fs.Bool("replicate-tables", false, "replicate page-table pages instead of moving them: a micro-guest's tables, or a --kernel guest's static kernel tables (docs/dsm.md, \"Replicated page tables\")")
 	f.numa = fs.Bool("numa", false, "describe each slice that runs vCPUs as a NUMA node of a --kernel guest (ACPI SRAT/SLIT; docs/dsm.md, \"Linux guests\")")
-	f.profile = fs.String("profile", "0", "sample where the local vCPUs are every `PERIOD` (e.g. 10ms) and print the most frequent guest addresses, named from --kernel's symbols (docs/dsm.md; 0: off)")
+	f.profile = fs.String("profile", cmp.Or(os.Getenv(ProfileEnv), "0"), "sample where the local vCPUs are every `PERIOD` (e.g. 10ms) and print the most frequent guest addresses, named from --kernel's symbols (docs/dsm.md; 0: off; default from $"+ProfileEnv+")")
 	f.verbose = fs.Bool("v", false, "log protocol events to stderr")
 	fs.Usage = func() { sliceUsage(fs) }
 	return f

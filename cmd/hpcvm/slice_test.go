@@ -108,6 +108,15 @@ func TestSliceRejectsBadInput(t *testing.T) {
 	if _, err := parseSliceArgs(base()); err != nil {
 		t.Fatalf("good options rejected: %v", err)
 	}
+	// $HPCVM_SLICE_PROFILE is --profile's default; the flag wins.
+	t.Setenv(ProfileEnv, "20ms")
+	if o, err := parseSliceArgs(base()); err != nil || o.profile != 20*time.Millisecond {
+		t.Errorf("with %s=20ms: profile %v, %v; want 20ms", ProfileEnv, o.profile, err)
+	}
+	if o, err := parseSliceArgs(base("--profile", "0")); err != nil || o.profile != 0 {
+		t.Errorf("with %s=20ms and --profile 0: profile %v, %v; want off", ProfileEnv, o.profile, err)
+	}
+	t.Setenv(ProfileEnv, "")
 	if o, err := parseSliceArgs(base("--builtin", "", "--kernel", prog, "--mem", "256MiB")); err != nil || o.linux == nil || o.linux.kernel != prog {
 		t.Fatalf("good --kernel options: %+v, %v", o, err)
 	}

@@ -128,6 +128,7 @@ type Stats struct {
 	UpdatesSent             atomic.Int64 // update frames published
 	UpdatesApplied          atomic.Int64 // update frames received
 	ZeroFilled              atomic.Int64 // untouched pages populated with zeros in runs
+	Unlinked                atomic.Int64 // replicated tables the guest unlinked (declassified)
 }
 
 // NodeConfig configures a Node.
@@ -994,6 +995,12 @@ func (nd *Node) serveOne(idx int, e *dirEntry, r homeReq) (homeReq, bool) {
 func (nd *Node) localOnly(idx int, e *dirEntry, r homeReq) bool {
 	self := uint64(1) << nd.id
 	bit := uint64(1) << r.from
+	if e.replicated && r.write && !r.replica {
+		// Ends the replication (a slice that does not take the page
+		// for a table, or a table its guest unlinked): the other
+		// replicas must be invalidated first.
+		return e.copyset&^bit&^self == 0
+	}
 	if r.replica || e.replicated {
 		return e.replicated && e.copyset&bit != 0 // a stale request
 	}

@@ -44,10 +44,15 @@ import (
 // replicas holds the updates that arrive while its request is in flight
 // and applies, once the content is in, those the content does not include.
 //
-// Limit: only tables that stay tables are replicated (the micro-guests'
-// and a Linux kernel's own): a page freed as a table and reused as data
-// while replicated would have no single-writer coherence, so a publish
-// that unlinks a replicated table stops the VM (checkUnlinks).
+// Tables that stop being tables: a page freed as a table and reused as
+// data while replicated would have no single-writer coherence. So when a
+// publish shows an entry that linked a replicated table cleared or
+// repointed (unlinkedTables), every slice stops classifying that table
+// (declassify: its faults move it as data again), and the slice that
+// unlinked it asks for it with a write request, which ends the
+// replication at the home (the other replicas publish and drop) and makes
+// it the single writer (dereplicate). Linux does free kernel tables: a
+// debian12 guest across 2 nodes unlinked a last-level vmalloc table.
 
 // Page-table entry bits the merge needs.
 const (
@@ -122,6 +127,12 @@ type replicas struct {
 	// frame sent to slice j.
 	depsMu   sync.Mutex
 	depsSent []uint64
+	// unlinked: tables the guest unlinked, no longer taken for tables
+	// whatever the classifier says (declassify); nUnlinked is its size,
+	// read without unlinkMu on every classification.
+	unlinkMu  sync.Mutex
+	unlinked  map[uint64]bool
+	nUnlinked atomic.Int32
 }
 
 // maxHeld bounds the updates held for one page (applyUpdate).
@@ -162,7 +173,60 @@ func (nd *Node) tableLevel(pfn uint64) int {
 	if f == nil {
 		return 0
 	}
+	if nd.rep.nUnlinked.Load() > 0 && nd.isUnlinked(pfn) {
+		return 0
+	}
 	return (*f)(pfn)
+}
+
+// isUnlinked reports whether table pfn was declassified.
+func (nd *Node) isUnlinked(pfn uint64) bool {
+	nd.rep.unlinkMu.Lock()
+	defer nd.rep.unlinkMu.Unlock()
+	return nd.rep.unlinked[pfn]
+}
+
+// declassify stops treating page pfn as a table (the guest unlinked it),
+// whatever the classifier says, until Relink.
+func (nd *Node) declassify(pfn uint64) {
+	nd.rep.unlinkMu.Lock()
+	defer nd.rep.unlinkMu.Unlock()
+	if nd.rep.unlinked == nil {
+		nd.rep.unlinked = map[uint64]bool{}
+	}
+	if !nd.rep.unlinked[pfn] {
+		nd.rep.unlinked[pfn] = true
+		nd.rep.nUnlinked.Add(1)
+		nd.Stats.Unlinked.Add(1)
+	}
+}
+
+// Relink undoes declassify for page pfn, found linked as a table again;
+// it reports whether pfn had been declassified.
+func (nd *Node) Relink(pfn uint64) bool {
+	nd.rep.unlinkMu.Lock()
+	defer nd.rep.unlinkMu.Unlock()
+	if !nd.rep.unlinked[pfn] {
+		return false
+	}
+	delete(nd.rep.unlinked, pfn)
+	nd.rep.nUnlinked.Add(-1)
+	return true
+}
+
+// dereplicate ends the replication of page idx, a table this slice
+// unlinked: its write request makes this slice the single writer (the
+// home invalidates the other replicas, which publish first).
+func (nd *Node) dereplicate(idx int) {
+	p := &nd.pages[idx]
+	p.mu.Lock()
+	if p.st != replica || p.inflight != nil {
+		p.mu.Unlock()
+		return
+	}
+	p.inflight = make(chan struct{})
+	p.mu.Unlock()
+	nd.request(idx, true) // declassified: a plain write request
 }
 
 // isTable reports whether page pfn is to be replicated.
@@ -294,8 +358,14 @@ func (nd *Node) diffLocked() ([]Msg, error) {
 			}
 		}
 		pfn := nd.pfn(idx)
-		if err := nd.checkUnlinks(pfn, words); err != nil {
-			return nil, err
+		for _, child := range nd.unlinkedTables(pfn, words) {
+			nd.log.Info("dsm: the guest unlinked a replicated page table; it moves as data again",
+				"table", fmt.Sprintf("%#x", child*PageSize), "parent", fmt.Sprintf("%#x", pfn*PageSize))
+			nd.declassify(child)
+			if cidx, ok := nd.pageIndex(child); ok {
+				// Not here: every send publishes first, under sendMu.
+				go nd.dereplicate(cidx)
+			}
 		}
 		for len(words) > 0 {
 			k := min(len(words), MaxUpdateWords)
@@ -405,6 +475,11 @@ func (nd *Node) mergeLocked(from, idx int, twin []byte, words []WordUpdate) bool
 		}
 		binary.LittleEndian.PutUint64(twin[8*w:], next)
 	}
+	// The sender unlinked a table: it ends the replication; this slice
+	// stops taking the page for a table.
+	for _, child := range nd.unlinkedTables(pfn, words) {
+		nd.declassify(child)
+	}
 	return true
 }
 
@@ -465,29 +540,29 @@ func (nd *Node) wakeDepsWaiters() {
 	}()
 }
 
-// checkUnlinks stops the VM if words (changes of replicated table pfn)
-// clear or repoint an entry that linked another replicated table: the
-// guest is freeing that table, and a page that leaves page-table use while
-// replicated would get no single-writer coherence as data.
-func (nd *Node) checkUnlinks(pfn uint64, words []WordUpdate) error {
+// unlinkedTables returns the replicated tables whose entries in words
+// (changes of replicated table pfn) were cleared or repointed: the guest
+// is freeing them, and a page that leaves page-table use must not stay
+// replicated (it would get no single-writer coherence as data).
+func (nd *Node) unlinkedTables(pfn uint64, words []WordUpdate) []uint64 {
 	const huge = 1 << 7
 	level := nd.tableLevel(pfn)
 	if level < 2 {
 		return nil // last-level entries map pages, not tables
 	}
+	var out []uint64
 	for _, w := range words {
 		old := w.Old
 		if old&ptePresent == 0 || level < 4 && old&huge != 0 {
 			continue
 		}
-		child := old & pteFrame
-		if nd.tableLevel(child/PageSize) == 0 || w.New&ptePresent != 0 && w.New&pteFrame == child {
+		child := old & pteFrame / PageSize
+		if nd.tableLevel(child) == 0 || w.New&ptePresent != 0 && w.New&pteFrame == child*PageSize {
 			continue
 		}
-		return fmt.Errorf("dsm: the guest unlinked replicated page table %#x (entry %d of table %#x: %#x -> %#x); "+
-			"replicated tables must stay tables (docs/dsm.md, \"Replicated page tables\")", child, w.Index, pfn*PageSize, old, w.New)
+		out = append(out, child)
 	}
-	return nil
+	return out
 }
 
 func (nd *Node) conflict(from int, pfn uint64, w int, base, here, there uint64) {
@@ -713,7 +788,8 @@ func (s *sliceRun) classifyKernelTables(c *kvm.VCPU) error {
 	}
 	var added []uint64
 	for pfn, l := range set {
-		if all[pfn] == 0 {
+		// New, or unlinked once and linked again as a table.
+		if all[pfn] == 0 || s.node.Relink(pfn) {
 			all[pfn] = l
 			added = append(added, pfn)
 		}

@@ -102,7 +102,7 @@ type StatsSnapshot struct {
 	IOForwarded, IOServed, IRQsSent, IRQsReceived                         int64
 	Held                                                                  int64
 	Replicated, UpdatesSent, UpdatesApplied                               int64
-	ZeroFilled                                                            int64
+	ZeroFilled, Unlinked                                                  int64
 	// BytesSent and BytesReceived: the slice's traffic with its peers
 	// (Transport.BytesSent, BytesReceived).
 	BytesSent, BytesReceived int64
@@ -115,7 +115,7 @@ func (s *Stats) Snapshot() StatsSnapshot {
 		HomeServed: s.HomeServed.Load(), Invalidations: s.Invalidations.Load(), Fetches: s.Fetches.Load(),
 		IOForwarded: s.IOForwarded.Load(), IOServed: s.IOServed.Load(), IRQsSent: s.IRQsSent.Load(),
 		IRQsReceived: s.IRQsReceived.Load(), Held: s.Held.Load(), Replicated: s.Replicated.Load(),
-		UpdatesSent: s.UpdatesSent.Load(), UpdatesApplied: s.UpdatesApplied.Load(), ZeroFilled: s.ZeroFilled.Load()}
+		UpdatesSent: s.UpdatesSent.Load(), UpdatesApplied: s.UpdatesApplied.Load(), ZeroFilled: s.ZeroFilled.Load(), Unlinked: s.Unlinked.Load()}
 }
 
 // stats is the node's counters with the transport's byte counts.

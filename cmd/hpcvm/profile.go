@@ -45,6 +45,10 @@ func startCPUProfile(path string, id int) (func(), error) {
 // slices started by the Slurm launcher (with VMMLogEnv to keep them).
 const ProfileEnv = "HPCVM_SLICE_PROFILE"
 
+// TimerSlackEnv is the default of `hpcvm slice --timer-slack` (e.g. 10ms),
+// for slices started by the Slurm launcher.
+const TimerSlackEnv = "HPCVM_SLICE_TIMER_SLACK"
+
 // VMMLogEnv names a file `hpcvm launch` appends the slices' (or the
 // VMM's) stdout and stderr to, instead of its runtime directory's vmm.log,
 // which is removed with the job.

@@ -46,9 +46,11 @@ type sliceOpts struct {
 	timeout   time.Duration
 	hold      time.Duration // coherence hold window (dsm.NodeConfig.Hold)
 	vcpuNice  int           // nice of the vCPU threads (dsm.SliceConfig.VCPUNice)
-	replicate bool          // replicated page tables (docs/dsm.md)
-	numa      bool          // each slice a NUMA node of the guest (--numa)
-	profile   time.Duration // RIP sampling period (0: off)
+	// timerSlack: the vCPUs' timer grid (dsm.SliceConfig.TimerSlack).
+	timerSlack time.Duration
+	replicate  bool          // replicated page tables (docs/dsm.md)
+	numa       bool          // each slice a NUMA node of the guest (--numa)
+	profile    time.Duration // RIP sampling period (0: off)
 	// statsEvery and onStats: the periodic counters (StatsEveryEnv).
 	statsEvery time.Duration
 	onStats    func(dsm.StatsSnapshot)
@@ -137,7 +139,7 @@ type sliceFlags struct {
 	id, iters, vcpuNice                             *int
 	peers, listen, vmID, secretFile, placement, mem *string
 	builtin, program, timeout, hold, stopSignal     *string
-	profile                                         *string
+	profile, timerSlack                             *string
 	results                                         addrList
 	verbose, replicateTables, numa                  *bool
 	kernel, initrd, cmdline, vsock, console         *string
@@ -168,6 +170,7 @@ func newSliceFlags() *sliceFlags {
 	f.console = fs.String("console", "", "write the guest's serial console to `FILE` (slice 0; default: stderr)")
 	f.timeout = fs.String("timeout", "0", "stop with an error after `DURATION` (e.g. 10m; 0: no limit)")
 	f.hold = fs.String("hold", "0", "keep a page granted for writing at least `DURATION` before giving it up (e.g. 2ms; damps page-table ping-pong; 0: off)")
+	f.timerSlack = fs.String("timer-slack", cmp.Or(os.Getenv(TimerSlackEnv), "0"), "coalesce the vCPUs' TSC-deadline timer expiries on a grid of `PERIOD` (0-100ms; 0: exact): a spread guest's tick then reaches for other nodes' pages less often (docs/dsm.md; default from $"+TimerSlackEnv+")")
 	f.vcpuNice = fs.Int("vcpu-nice", 0, "nice `N` (0-19) of the vCPU threads, the process's other threads (serving the other slices' page requests) keeping their priority (0: unchanged; docs/dsm.md: on one-CPU virt nodes 10 starved the vCPUs)")
 	f.stopSignal = fs.String("stop-signal", "", "stop only on `SIGNAL` (e.g. SIGUSR1) and exit 0; SIGINT, SIGTERM and SIGHUP are then caught and ignored (a slice of a Slurm job step, as hpcvm vm run --stop-signal)")
 	f.replicateTables = fs.Bool("replicate-tables", false, "replicate page-table pages instead of moving them: a micro-guest's tables, or a --kernel guest's static kernel tables (docs/dsm.md, \"Replicated page tables\")")
@@ -285,6 +288,12 @@ func parseSliceArgs(args []string) (*sliceOpts, error) {
 		return nil, fmt.Errorf("--vcpu-nice %d: must be between 0 and 19", *f.vcpuNice)
 	}
 	o.vcpuNice = *f.vcpuNice
+	if o.timerSlack, err = time.ParseDuration(*f.timerSlack); err != nil {
+		return nil, fmt.Errorf("--timer-slack: %w", err)
+	}
+	if o.timerSlack < 0 || o.timerSlack > 100*time.Millisecond {
+		return nil, fmt.Errorf("--timer-slack %s: must be between 0 and 100ms", *f.timerSlack)
+	}
 	if o.hold < 0 || o.hold > time.Second {
 		return nil, fmt.Errorf("--hold %s: must be between 0 and 1s", *f.hold)
 	}
@@ -430,13 +439,14 @@ func runSlice(o *sliceOpts, stdout io.Writer) int {
 	rep := &reportDev{}
 	var results []sliceResult
 	cfg := dsm.SliceConfig{
-		Transport: dsm.TransportConfig{ID: o.id, Addrs: o.peers, Listener: ln, VMID: o.vmID, Secret: o.secret, Logger: lg},
-		Placement: o.placement,
-		MemBytes:  o.memBytes,
-		Loader:    microguest.Program{Code: o.code},
-		DonePort:  dsm.DonePort,
-		Hold:      o.hold,
-		VCPUNice:  o.vcpuNice,
+		Transport:  dsm.TransportConfig{ID: o.id, Addrs: o.peers, Listener: ln, VMID: o.vmID, Secret: o.secret, Logger: lg},
+		Placement:  o.placement,
+		MemBytes:   o.memBytes,
+		Loader:     microguest.Program{Code: o.code},
+		DonePort:   dsm.DonePort,
+		Hold:       o.hold,
+		VCPUNice:   o.vcpuNice,
+		TimerSlack: o.timerSlack,
 		// The micro-guest's tables are fixed at load time, so its initial
 		// CR3 names them all.
 		ReplicateTables: o.replicate,
@@ -516,10 +526,11 @@ func runLinuxSlice(ctx context.Context, o *sliceOpts, ln net.Listener, lg *slog.
 	cfg := linuxvm.SliceConfig{
 		VM: linuxvm.Config{Kernel: l.kernel, Initrd: l.initrd, Cmdline: l.cmdline, MemBytes: o.memBytes,
 			Disks: l.disks, VsockPath: l.vsock, VsockCID: uint32(l.cid), Console: console, Logger: lg},
-		Transport: dsm.TransportConfig{ID: o.id, Addrs: o.peers, Listener: ln, VMID: o.vmID, Secret: o.secret, Logger: lg},
-		Placement: o.placement,
-		Hold:      o.hold,
-		VCPUNice:  o.vcpuNice,
+		Transport:  dsm.TransportConfig{ID: o.id, Addrs: o.peers, Listener: ln, VMID: o.vmID, Secret: o.secret, Logger: lg},
+		Placement:  o.placement,
+		Hold:       o.hold,
+		VCPUNice:   o.vcpuNice,
+		TimerSlack: o.timerSlack,
 		// Linux builds and frees page tables as it runs: only its static
 		// kernel tables are replicated (docs/dsm.md).
 		ReplicateKernelTables: o.replicate,

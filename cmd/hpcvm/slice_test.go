@@ -87,6 +87,8 @@ func TestSliceRejectsBadInput(t *testing.T) {
 		{"hold negative", base("--hold", "-1ms"), "--hold -1ms"},
 		{"vcpu nice too high", base("--vcpu-nice", "20"), "--vcpu-nice 20"},
 		{"vcpu nice negative", base("--vcpu-nice", "-5"), "--vcpu-nice -5"},
+		{"timer slack not a duration", base("--timer-slack", "some"), "--timer-slack"},
+		{"timer slack too long", base("--timer-slack", "1s"), "--timer-slack 1s"},
 		{"profile not a duration", base("--profile", "often"), "--profile"},
 		{"profile too fine", base("--profile", "10us"), "--profile 10us"},
 		{"numa without kernel", append(base(), "--numa"), "--numa needs --kernel"},
@@ -117,6 +119,11 @@ func TestSliceRejectsBadInput(t *testing.T) {
 		t.Errorf("with %s=20ms and --profile 0: profile %v, %v; want off", ProfileEnv, o.profile, err)
 	}
 	t.Setenv(ProfileEnv, "")
+	t.Setenv(TimerSlackEnv, "10ms")
+	if o, err := parseSliceArgs(base()); err != nil || o.timerSlack != 10*time.Millisecond {
+		t.Errorf("with %s=10ms: timer slack %v, %v; want 10ms", TimerSlackEnv, o.timerSlack, err)
+	}
+	t.Setenv(TimerSlackEnv, "")
 	if o, err := parseSliceArgs(base("--builtin", "", "--kernel", prog, "--mem", "256MiB")); err != nil || o.linux == nil || o.linux.kernel != prog {
 		t.Fatalf("good --kernel options: %+v, %v", o, err)
 	}

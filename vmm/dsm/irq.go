@@ -65,7 +65,7 @@ func newIRQState(s *sliceRun) *irqState {
 	}
 	for _, id := range s.vcpus {
 		v := &vcpuIRQ{id: id, wake: make(chan struct{}, 1)}
-		v.lapic = irqchip.NewLAPIC(irqchip.LAPICConfig{ID: id,
+		v.lapic = irqchip.NewLAPIC(irqchip.LAPICConfig{ID: id, TimerSlack: s.cfg.TimerSlack,
 			Notify:  func() { q.notify(v) },
 			Send:    q.deliver,
 			EOI:     q.eoi,

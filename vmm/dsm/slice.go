@@ -46,6 +46,9 @@ type SliceConfig struct {
 	// so that this slice serves the others' requests before it runs its
 	// own vCPUs further.
 	VCPUNice int
+	// TimerSlack coalesces the local vCPUs' TSC-deadline timer expiries on
+	// a grid of this period (irqchip.LAPICConfig.TimerSlack; 0: exact).
+	TimerSlack time.Duration
 	// ReplicateTables replicates the guest's page-table pages instead of
 	// moving them (replica.go): the tables reachable from the local
 	// vCPUs' initial CR3.

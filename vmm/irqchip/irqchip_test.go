@@ -412,6 +412,44 @@ func TestLAPICTimerTSCDeadline(t *testing.T) {
 	}
 }
 
+// TestLAPICTimerSlack: with TimerSlack a TSC-deadline expiry moves to
+// the next multiple of the slack on the clock, never earlier than asked.
+func TestLAPICTimerSlack(t *testing.T) {
+	r := &lapicRig{clock: newFakeClock()} // the clock starts on a whole second
+	r.l = NewLAPIC(LAPICConfig{ID: 0, Clock: r.clock, TSCHz: 1_000_000_000, TimerSlack: 10 * time.Millisecond,
+		Notify: func() {}, Send: func(Message) {}, EOI: func(uint8) {}, Changed: func(View) {}})
+	t.Cleanup(r.l.Close)
+	r.enable()
+	w32(r.l, RegLVTTimer, 0xEE|timerDeadline)
+	r.clock.Advance(3 * time.Millisecond)
+	fired := func() bool {
+		_, ok := r.l.PendingInterrupt()
+		if ok {
+			r.l.AckInterrupt(0xEE)
+			w32(r.l, RegEOI, 0)
+		}
+		return ok
+	}
+	for _, c := range []struct {
+		ahead, early, late time.Duration // deadline from now; no expiry after early, one after late
+	}{
+		{time.Millisecond, 6*time.Millisecond + 999*time.Microsecond, 7 * time.Millisecond},        // 4 ms -> 10 ms
+		{15 * time.Millisecond, 19*time.Millisecond + 999*time.Microsecond, 20 * time.Millisecond}, // at 10 ms: 25 ms -> 30 ms
+		{10 * time.Millisecond, 9*time.Millisecond + 999*time.Microsecond, 10 * time.Millisecond},  // at 30 ms: on the grid, as asked
+	} {
+		now := uint64(r.clock.Now().UnixNano())
+		r.l.SetTSCDeadline(now+uint64(c.ahead), now)
+		r.clock.Advance(c.early)
+		if fired() {
+			t.Fatalf("deadline %v ahead fired before %v", c.ahead, c.early)
+		}
+		r.clock.Advance(c.late - c.early)
+		if !fired() {
+			t.Fatalf("deadline %v ahead had not fired after %v", c.ahead, c.late)
+		}
+	}
+}
+
 func TestIOAPIC(t *testing.T) {
 	var mu sync.Mutex
 	var got []Message

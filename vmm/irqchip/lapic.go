@@ -88,6 +88,12 @@ type LAPICConfig struct {
 	Changed func(View)
 	// TSCHz is the guest TSC frequency (TSC-deadline timer mode).
 	TSCHz uint64
+	// TimerSlack, if set, delays each TSC-deadline expiry to the next
+	// multiple of it on the clock (timers coalesce on a grid, as Linux's
+	// timer slack does for user timers): a guest whose tick reaches for
+	// pages on other nodes then ticks at most 1/TimerSlack times a second
+	// on this vCPU. Linux counts the time of late ticks in full.
+	TimerSlack time.Duration
 }
 
 // LAPIC is one vCPU's local APIC. All methods are safe for concurrent use.
@@ -676,6 +682,10 @@ func (l *LAPIC) SetTSCDeadline(deadline, now uint64) {
 			q, _ := bits.Div64(hi, lo, l.cfg.TSCHz)
 			d = time.Duration(min(q, 1<<63-1))
 		}
+	}
+	if s := l.cfg.TimerSlack; s > 0 && d < time.Duration(1<<62) {
+		at := l.cfg.Clock.Now().UnixNano() + int64(d)
+		d += time.Duration((int64(s) - at%int64(s)) % int64(s))
 	}
 	l.scheduleLocked(d)
 }

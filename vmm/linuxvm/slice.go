@@ -31,6 +31,8 @@ type SliceConfig struct {
 	Hold time.Duration
 	// VCPUNice: dsm.SliceConfig.VCPUNice.
 	VCPUNice int
+	// TimerSlack: dsm.SliceConfig.TimerSlack.
+	TimerSlack time.Duration
 	// ReplicateKernelTables: dsm.SliceConfig.ReplicateKernelTables.
 	ReplicateKernelTables bool
 	// ProfileEvery: dsm.SliceConfig.ProfileEvery; the profile's addresses
@@ -104,6 +106,7 @@ func RunSlice(ctx context.Context, sc SliceConfig) (dsm.SliceResult, error) {
 		StatsEvery:            sc.StatsEvery,
 		OnStats:               sc.OnStats,
 		VCPUNice:              sc.VCPUNice,
+		TimerSlack:            sc.TimerSlack,
 		Loader:                newLoader(&cfg, legacy),
 		Setup: func(h *dsm.Home) error {
 			p := platform{io: &h.Machine.IO, mmio: &h.Machine.MMIO, mem: h.Memory,

@@ -11,6 +11,7 @@ package dsm
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -129,6 +130,7 @@ type Stats struct {
 	UpdatesApplied          atomic.Int64 // update frames received
 	ZeroFilled              atomic.Int64 // untouched pages populated with zeros in runs
 	Unlinked                atomic.Int64 // replicated tables the guest unlinked (declassified)
+	Cooled                  atomic.Int64 // replicas write-protected as unchanged (coldAfter)
 }
 
 // NodeConfig configures a Node.
@@ -158,30 +160,36 @@ type NodeConfig struct {
 	// ZeroRunPages is how many untouched pages a first touch populates
 	// at once (0: zeroRunPages; 1: only the touched page).
 	ZeroRunPages int
+	// ColdAfter is how many publishes in a row must find a replica
+	// unchanged before it is write-protected and left out of the diff
+	// (0: coldAfter; negative: never).
+	ColdAfter int
 }
 
 // Node is one slice's coherence engine. It implements memory.Guest.
 type Node struct {
-	id, n    int
-	ram      *memory.RAM
-	regs     []region
-	pages    []page
-	dir      []dirEntry // entries for pages homed here
-	u        *uffd.FD
-	tr       *Transport
-	log      *slog.Logger
-	ctx      context.Context
-	cancel   context.CancelFunc
-	onFail   func(error)
-	control  func(int, *Msg)
-	zero     []byte
-	zeroes   []byte // zeroRun pages of zeros
-	zeroRun  int    // pages per first-touch fill of untouched RAM (NodeConfig.ZeroRunPages)
-	busyPoll time.Duration
-	hold     time.Duration
-	epoch    time.Time // origin of page.grantedAt
-	tables   atomic.Pointer[TableClassifier]
-	rep      replicas
+	id, n   int
+	ram     *memory.RAM
+	regs    []region
+	pages   []page
+	dir     []dirEntry // entries for pages homed here
+	u       *uffd.FD
+	tr      *Transport
+	log     *slog.Logger
+	ctx     context.Context
+	cancel  context.CancelFunc
+	onFail  func(error)
+	control func(int, *Msg)
+	zero    []byte
+	zeroes  []byte // zeroRun pages of zeros
+	zeroRun int    // pages per first-touch fill of untouched RAM (NodeConfig.ZeroRunPages)
+	// coldAfter: NodeConfig.ColdAfter (negative: replicas never cool).
+	coldAfter int
+	busyPoll  time.Duration
+	hold      time.Duration
+	epoch     time.Time // origin of page.grantedAt
+	tables    atomic.Pointer[TableClassifier]
+	rep       replicas
 
 	pmu     sync.Mutex
 	pending map[uint64]chan Msg
@@ -227,6 +235,7 @@ func newNode(cfg NodeConfig) (*Node, error) {
 		nd.zeroRun = zeroRunPages
 	}
 	nd.zeroes = make([]byte, nd.zeroRun*PageSize)
+	nd.coldAfter = cmp.Or(cfg.ColdAfter, coldAfter)
 	nd.rep.init(nd.n)
 	nd.ctx, nd.cancel = context.WithCancel(context.Background())
 	nd.SetTables(cfg.Tables)
@@ -437,6 +446,8 @@ func (nd *Node) onFault(idx int, write bool) error {
 	if p.st.usable(write) {
 		var err error
 		switch {
+		case p.st == replica && write:
+			err = nd.warmReplica(idx) // a cold replica: lift its protection
 		case p.mapped:
 		case p.st == exclusive:
 			err = nd.installZeroRunLocked(idx)
@@ -1187,6 +1198,13 @@ func (nd *Node) access(b []byte, off int64, write bool) (int, error) {
 				// copy itself never faults.
 				if !p.mapped {
 					if err := nd.installLocked(idx, nil, p.st == shared); err != nil {
+						p.mu.Unlock()
+						return done, err
+					}
+				}
+				if write && p.st == replica {
+					// A cold replica is write-protected: this copy must not fault.
+					if err := nd.warmReplica(idx); err != nil {
 						p.mu.Unlock()
 						return done, err
 					}

@@ -103,12 +103,17 @@ func TestReplicatedTablesKeepExactOutcomes(t *testing.T) {
 // replicaPair is two nodes sharing the page tables of tables (pfn ->
 // level) as replicas.
 func replicaPair(t testing.TB, tables TableSet, failed chan<- error) *nodePair {
-	p := newNodePair(t, func(i int, err error) {
+	return replicaPairWith(t, tables, failed, nil)
+}
+
+// replicaPairWith is replicaPair with mod adjusting the nodes' configuration.
+func replicaPairWith(t testing.TB, tables TableSet, failed chan<- error, mod func(i int, c *NodeConfig)) *nodePair {
+	p := newNodesWith(t, 2, func(i int, err error) {
 		select {
 		case failed <- fmt.Errorf("node %d: %w", i, err):
 		default:
 		}
-	})
+	}, mod)
 	for _, n := range p.nodes {
 		n.SetTables(func(q uint64) int { return tables[q] })
 	}
@@ -555,26 +560,88 @@ func TestDescribeAddrWalksLocalReplicas(t *testing.T) {
 	}
 }
 
+// TestColdReplicasSkippedAndWarmed: a replica unchanged for coldAfter
+// publishes is write-protected and no longer compared; a write to it
+// faults, which lifts the protection, and the write is published; an
+// update from the other slice to a cold replica is applied all the same.
+func TestColdReplicasSkippedAndWarmed(t *testing.T) {
+	const pfn = 0x44
+	failed := make(chan error, 2)
+	p := replicaPair(t, TableSet{pfn: 1}, failed)
+	pp := newPipe(t)
+	cold := func(i int) bool {
+		idx, _ := p.nodes[i].pageIndex(pfn)
+		p.nodes[i].rep.mu.Lock()
+		defer p.nodes[i].rep.mu.Unlock()
+		return p.nodes[i].rep.cold[idx]
+	}
+	for i := 0; i < 2; i++ {
+		for range coldAfter {
+			p.ping(i)
+		}
+		if !cold(i) || p.nodes[i].Stats.Cooled.Load() != 1 {
+			t.Fatalf("node %d: replica not cold after %d quiet publishes (cooled %d)", i, coldAfter, p.nodes[i].Stats.Cooled.Load())
+		}
+	}
+	// A write on node 0 (from a syscall, as a walker's would come from
+	// the vCPU) faults on the protection, warms the page and is published.
+	idx, _ := p.nodes[0].pageIndex(pfn)
+	pp.kernelWrite(t, p.nodes[0].hostPage(idx)[5*8:], 0x63)
+	if cold(0) {
+		t.Fatal("node 0: the replica is still cold after a write")
+	}
+	p.ping(0)
+	// Node 1's replica is cold: the update warms it before it is applied.
+	waitWord(t, p, 1, pfn, 5, 0x63)
+	if cold(1) {
+		t.Error("node 1: a replica an update was applied to is still cold")
+	}
+	// Quiet again: both cool down again.
+	for range coldAfter {
+		p.ping(0)
+		p.ping(1)
+	}
+	if !cold(0) || !cold(1) {
+		t.Errorf("cold again after quiet publishes: node 0 %v, node 1 %v", cold(0), cold(1))
+	}
+	select {
+	case err := <-failed:
+		t.Fatalf("a node failed: %v", err)
+	default:
+	}
+}
+
 // BenchmarkPublishReplicas times one publish over 100 replicated tables
 // with nothing changed (the common case: a message with no table write
-// since the last) and with one word changed in one table (the word loop
-// runs for that page only). docs/dsm.md, "Replicated page tables".
+// since the last), with replicas compared every time (never-cold, as
+// before session 11) and left out once cold (the default); and with one
+// word changed in one table (the word loop runs for that page only; with
+// cooling the write first faults on the cold page). docs/dsm.md,
+// "Replicated page tables".
 func BenchmarkPublishReplicas(b *testing.B) {
 	tables := TableSet{}
 	for pfn := uint64(0x100); pfn < 0x100+100; pfn++ {
 		tables[pfn] = 1
 	}
-	failed := make(chan error, 2)
-	p := replicaPair(b, tables, failed)
-	b.Run("unchanged", func(b *testing.B) {
-		for i := 0; i < b.N; i++ {
-			p.nodes[0].publish()
-		}
-	})
-	b.Run("one-word", func(b *testing.B) {
-		for i := 0; i < b.N; i++ {
-			p.setWord(0, 0x100+uint64(i%100), 3, uint64(i)<<12|ptePresent)
-			p.nodes[0].publish()
-		}
-	})
+	for _, c := range []struct {
+		name      string
+		coldAfter int
+	}{{"never-cold", -1}, {"cooling", 0}} {
+		failed := make(chan error, 2)
+		p := replicaPairWith(b, tables, failed, func(_ int, cfg *NodeConfig) { cfg.ColdAfter = c.coldAfter })
+		pp := newPipe(b)
+		b.Run(c.name+"/unchanged", func(b *testing.B) {
+			for i := 0; i < b.N; i++ {
+				p.nodes[0].publish()
+			}
+		})
+		b.Run(c.name+"/one-word", func(b *testing.B) {
+			for i := 0; i < b.N; i++ {
+				idx, _ := p.nodes[0].pageIndex(0x100 + uint64(i%100))
+				// From a syscall: a cold replica's write faults.
+				pp.kernelWrite(b, p.nodes[0].hostPage(idx)[3*8:], byte(i)|1)
+				p.nodes[0].publish()
+			}
+		})
+	}
 }

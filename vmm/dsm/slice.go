@@ -105,7 +105,7 @@ type StatsSnapshot struct {
 	IOForwarded, IOServed, IRQsSent, IRQsReceived                         int64
 	Held                                                                  int64
 	Replicated, UpdatesSent, UpdatesApplied                               int64
-	ZeroFilled, Unlinked                                                  int64
+	ZeroFilled, Unlinked, Cooled                                          int64
 	// BytesSent and BytesReceived: the slice's traffic with its peers
 	// (Transport.BytesSent, BytesReceived).
 	BytesSent, BytesReceived int64
@@ -118,7 +118,8 @@ func (s *Stats) Snapshot() StatsSnapshot {
 		HomeServed: s.HomeServed.Load(), Invalidations: s.Invalidations.Load(), Fetches: s.Fetches.Load(),
 		IOForwarded: s.IOForwarded.Load(), IOServed: s.IOServed.Load(), IRQsSent: s.IRQsSent.Load(),
 		IRQsReceived: s.IRQsReceived.Load(), Held: s.Held.Load(), Replicated: s.Replicated.Load(),
-		UpdatesSent: s.UpdatesSent.Load(), UpdatesApplied: s.UpdatesApplied.Load(), ZeroFilled: s.ZeroFilled.Load(), Unlinked: s.Unlinked.Load()}
+		UpdatesSent: s.UpdatesSent.Load(), UpdatesApplied: s.UpdatesApplied.Load(), ZeroFilled: s.ZeroFilled.Load(), Unlinked: s.Unlinked.Load(),
+		Cooled: s.Cooled.Load()}
 }
 
 // stats is the node's counters with the transport's byte counts.

@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -307,6 +308,111 @@ func TestSignalForwarding(t *testing.T) {
 	}
 }
 
+// A version 2 agent gets the signal on the command's stream: it arrives even
+// when no new connection can be made (in a spread guest a connection costs
+// seconds).
+func TestSignalInBandNeedsNoConnection(t *testing.T) {
+	e := newEnv(t)
+	c := ctx(t)
+	p, err := e.cl.Start(c, Command{Argv: []string{"sleep", "1000"}}, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.cl.dial = func(context.Context) (net.Conn, error) { return nil, errors.New("no new connections in this test") }
+	if err := p.Signal(c, syscall.SIGTERM); err != nil {
+		t.Fatalf("in-band Signal: %v", err)
+	}
+	if st, err := p.Wait(); err != nil || st.Signal != syscall.SIGTERM {
+		t.Fatalf("status %v err %v, want killed by SIGTERM", st, err)
+	}
+	if err := p.Signal(c, syscall.SIGTERM); err == nil {
+		t.Fatal("Signal after the command ended: no error")
+	}
+}
+
+// A command that does not read the stdin it is sent still gets its signal:
+// while stdin is open the signal takes a connection of its own.
+func TestSignalPastUnreadStdin(t *testing.T) {
+	e := newEnv(t)
+	c := ctx(t)
+	stdin := &countingReader{r: bytes.NewReader(make([]byte, 16<<20))} // far more than pipes and sockets hold
+	p, err := e.cl.Start(c, Command{Argv: []string{"sleep", "1000"}, Stdin: stdin}, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// More than the 64 KiB pipe has been sent: the stream is backed up.
+	waitFor(t, func() bool { return stdin.n.Load() >= 192<<10 })
+	if err := p.Signal(c, syscall.SIGTERM); err != nil {
+		t.Fatalf("Signal: %v", err)
+	}
+	if st, err := p.Wait(); err != nil || st.Signal != syscall.SIGTERM {
+		t.Fatalf("status %v err %v, want killed by SIGTERM", st, err)
+	}
+}
+
+type countingReader struct {
+	r io.Reader
+	n atomic.Int64
+}
+
+func (c *countingReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.n.Add(int64(n))
+	return n, err
+}
+
+// An agent that negotiated version 1 gets signals on a connection of their
+// own, and a version 1 exec stream that carries a signal frame is refused.
+// (Not parallel: it counts this process's sleep children.)
+func TestSignalVersion1(t *testing.T) {
+	e := newEnv(t)
+	c := ctx(t)
+	p, err := e.cl.Start(c, Command{Argv: []string{"sleep", "1000"}}, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.c.hi.Version = 1 // as if the agent had answered version 1
+	if err := p.Signal(c, syscall.SIGTERM); err != nil {
+		t.Fatalf("Signal: %v", err)
+	}
+	if st, err := p.Wait(); err != nil || st.Signal != syscall.SIGTERM {
+		t.Fatalf("status %v err %v, want killed by SIGTERM", st, err)
+	}
+
+	// A version 1 host sending a signal frame in-band: the agent kills the
+	// command rather than guess what the host meant.
+	nc, err := net.Dial("unix", e.sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	fr := proto.NewReader(nc)
+	if err := proto.WriteMsg(nc, proto.THello, &proto.Hello{Protocol: proto.Name, Version: 1}); err != nil {
+		t.Fatal(err)
+	}
+	m, err := proto.ReadMsg(fr, proto.THello)
+	if err != nil || m.(*proto.Hello).Version != 1 {
+		t.Fatalf("hello from a version 1 host: %v %v, want version 1", m, err)
+	}
+	if err := proto.WriteMsg(nc, proto.TExec, &proto.Exec{Argv: []string{"sleep", "1000"}}); err != nil {
+		t.Fatal(err)
+	}
+	m, err = proto.ReadMsg(fr, proto.TStarted)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pid := m.(*proto.Started).PID
+	if err := proto.WriteMsg(nc, proto.TSignal, &proto.Signal{PID: pid, Signal: int(syscall.SIGTERM)}); err != nil {
+		t.Fatal(err)
+	}
+	// As for any unexpected frame: the command is killed and the
+	// connection closed.
+	if f, err := fr.ReadFrame(); err == nil {
+		t.Fatalf("got a %s frame, want the connection closed", f.Type)
+	}
+	waitFor(t, func() bool { return countSleepers(t) == 0 })
+}
+
 func TestSignalReachesProcessGroup(t *testing.T) {
 	e := newEnv(t)
 	c := ctx(t)
@@ -528,7 +634,7 @@ func TestPoweroffThawsFirst(t *testing.T) {
 	}
 }
 
-func TestVersionMismatch(t *testing.T) {
+func TestVersionNegotiated(t *testing.T) {
 	e := newEnv(t)
 	nc, err := net.Dial("unix", e.sock)
 	if err != nil {
@@ -538,9 +644,9 @@ func TestVersionMismatch(t *testing.T) {
 	if err := proto.WriteMsg(nc, proto.THello, &proto.Hello{Protocol: proto.Name, Version: proto.Version + 1}); err != nil {
 		t.Fatal(err)
 	}
-	_, err = proto.ReadMsg(proto.NewReader(nc), proto.THello)
-	var pe *proto.Error
-	if !errors.As(err, &pe) || pe.Code != proto.CodeVersion {
-		t.Fatalf("hello with a newer version: %v, want version error", err)
+	// A newer host is answered with the newest version both speak.
+	m, err := proto.ReadMsg(proto.NewReader(nc), proto.THello)
+	if err != nil || m.(*proto.Hello).Version != proto.Version {
+		t.Fatalf("hello with a newer version: %v %v, want version %d", m, err, proto.Version)
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -51,20 +52,42 @@ func (s ExitStatus) String() string {
 
 // Process is a command started in the guest.
 type Process struct {
-	cl   *Client
-	pid  int
-	done chan struct{}
-	st   ExitStatus
-	err  error
+	cl  *Client
+	c   *conn // the Exec stream
+	pid int
+	// stdinOpen is set while stdin frames may still be sent: a signal
+	// frame behind stdin the command does not read would wait with it.
+	stdinOpen atomic.Bool
+	done      chan struct{}
+	st        ExitStatus
+	err       error
 }
 
 // PID is the command's pid in the guest (also its process group).
 func (p *Process) PID() int { return p.pid }
 
-// Signal forwards sig to the command's process group. It uses its own
-// connection, so it works even while stdin is blocked.
+// Signal forwards sig to the command's process group. Once stdin is closed
+// (or if there is none) an agent speaking protocol version 2 gets it on the
+// command's own stream: one frame, no new connection, and it returns once the
+// frame is written. Otherwise it goes on a connection of its own, which is
+// never stuck behind stdin the command does not read.
 func (p *Process) Signal(ctx context.Context, sig syscall.Signal) error {
-	return p.cl.Signal(ctx, p.pid, sig)
+	if p.c.hi.Version < 2 || p.stdinOpen.Load() {
+		return p.cl.Signal(ctx, p.pid, sig)
+	}
+	m := &proto.Signal{PID: p.pid, Signal: int(sig)}
+	if err := m.Validate(); err != nil {
+		return err
+	}
+	select {
+	case <-p.done:
+		return fmt.Errorf("signal %v: the command already ended", sig)
+	default:
+	}
+	if err := p.c.msg(proto.TSignal, m); err != nil {
+		return ctxErr(ctx, fmt.Errorf("signal %v: %w", sig, err))
+	}
+	return nil
 }
 
 // Wait waits until the command ended and all its output was written.
@@ -102,9 +125,11 @@ func (cl *Client) Start(ctx context.Context, cmd Command, stdout, stderr io.Writ
 		done()
 		return nil, ctxErr(ctx, err)
 	}
-	p := &Process{cl: cl, pid: m.(*proto.Started).PID, done: make(chan struct{})}
+	p := &Process{cl: cl, c: c, pid: m.(*proto.Started).PID, done: make(chan struct{})}
 	if cmd.Stdin != nil {
+		p.stdinOpen.Store(true)
 		go func() {
+			defer p.stdinOpen.Store(false)
 			buf := make([]byte, proto.ChunkSize)
 			for {
 				n, err := cmd.Stdin.Read(buf)

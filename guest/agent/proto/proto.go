@@ -21,9 +21,20 @@ import (
 	"unicode/utf8"
 )
 
-// Version is the protocol version this package speaks. A change that an old
-// peer could misread (new type, new field, new meaning) increments it.
-const Version = 1
+// Version is the newest protocol version this package speaks. A change that
+// an old peer could misread (new type, new field, new meaning) increments it.
+// The host's Hello names the newest version it speaks; the agent answers
+// with the version both use, the lower of the two, and refuses a host older
+// than MinVersion.
+//
+//	1: one request per connection.
+//	2: the host may also send Signal frames on an Exec stream, so a signal
+//	   needs no new connection (a connect and two handshake round trips
+//	   cost seconds in a guest spread over nodes).
+const Version = 2
+
+// MinVersion is the oldest host version an agent still serves.
+const MinVersion = 1
 
 // Name identifies the protocol in Hello, so a peer that is not an hpcvm agent
 // is recognised instead of misparsed.

@@ -75,7 +75,7 @@ func checkExec(p string) error {
 	return nil
 }
 
-func (s *Server) exec(ctx context.Context, log *slog.Logger, c net.Conn, fr *proto.Reader, fw *frameWriter, r *proto.Exec) {
+func (s *Server) exec(ctx context.Context, log *slog.Logger, c net.Conn, fr *proto.Reader, fw *frameWriter, r *proto.Exec, version int) {
 	env := r.Env
 	if len(env) == 0 {
 		env = []string{"PATH=" + s.cfg.DefaultPath}
@@ -158,9 +158,10 @@ func (s *Server) exec(ctx context.Context, log *slog.Logger, c net.Conn, fr *pro
 		s.killGroup(pid)
 	}
 
-	// Host -> agent: stdin frames. The host keeps the connection open until
-	// it has read Exit, so EOF or an error here means it went away: the
-	// command is killed rather than left running unobserved.
+	// Host -> agent: stdin frames, and from version 2 signals. The host
+	// keeps the connection open until it has read Exit, so EOF or an error
+	// here means it went away: the command is killed rather than left
+	// running unobserved.
 	hostGone := make(chan struct{})
 	go func() {
 		defer close(hostGone)
@@ -192,6 +193,25 @@ func (s *Server) exec(ctx context.Context, log *slog.Logger, c net.Conn, fr *pro
 				if stdinOpen {
 					stdinW.Close()
 					stdinOpen = false
+				}
+			case proto.TSignal:
+				if version < 2 {
+					log.Warn("signal frame on a version 1 exec stream: killing command")
+					s.killGroup(pid)
+					c.Close()
+					return
+				}
+				// One-way: the host learns the outcome from Exit. A
+				// malformed frame or another pid is logged, not obeyed.
+				m, err := proto.Decode(f)
+				if err != nil {
+					log.Warn("in-band signal", "err", err)
+					continue
+				}
+				if sig := m.(*proto.Signal); sig.PID != pid {
+					log.Warn("in-band signal for another pid: ignored", "to", sig.PID)
+				} else {
+					s.signalGroup(log, pid, syscall.Signal(sig.Signal))
 				}
 			default:
 				log.Warn("unexpected frame during exec: killing command", "type", f.Type)
@@ -285,6 +305,26 @@ func (s *Server) signal(log *slog.Logger, fw *frameWriter, r *proto.Signal) {
 	}
 	log.Info("signalled", "pid", r.PID, "signal", r.Signal)
 	fw.frame(proto.TOK, nil)
+}
+
+// signalGroup delivers sig to a running command's process group; a command
+// that already ended is not an error (the signal and the exit crossed).
+func (s *Server) signalGroup(log *slog.Logger, pid int, sig syscall.Signal) {
+	s.mu.Lock()
+	_, ok := s.procs[pid]
+	var err error
+	if ok {
+		err = syscall.Kill(-pid, sig)
+	}
+	s.mu.Unlock()
+	switch {
+	case !ok:
+		log.Info("in-band signal after exit: dropped", "signal", int(sig))
+	case err != nil:
+		log.Warn("in-band signal", "signal", int(sig), "err", err)
+	default:
+		log.Info("signalled", "signal", int(sig), "in_band", true)
+	}
 }
 
 // killGroup SIGKILLs a command's process group if it is still running.

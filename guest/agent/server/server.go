@@ -167,11 +167,12 @@ func (s *Server) ServeConn(ctx context.Context, c net.Conn) {
 		log.Warn("handshake failed", "err", err)
 		return
 	}
-	if h := m.(*proto.Hello); h.Version != proto.Version {
-		fw.fail(proto.CodeVersion, "host speaks protocol version %d, agent speaks %d", h.Version, proto.Version)
+	version := min(m.(*proto.Hello).Version, proto.Version)
+	if version < proto.MinVersion {
+		fw.fail(proto.CodeVersion, "host speaks protocol version %d, agent speaks %d to %d", version, proto.MinVersion, proto.Version)
 		return
 	}
-	if err := fw.msg(proto.THello, &proto.Hello{Protocol: proto.Name, Version: proto.Version, Agent: s.cfg.Version}); err != nil {
+	if err := fw.msg(proto.THello, &proto.Hello{Protocol: proto.Name, Version: version, Agent: s.cfg.Version}); err != nil {
 		return
 	}
 	f, err := fr.ReadFrame()
@@ -190,7 +191,7 @@ func (s *Server) ServeConn(ctx context.Context, c net.Conn) {
 	case *proto.Ping:
 		fw.msg(proto.TPong, &proto.Pong{Agent: s.cfg.Version, TimeNano: time.Now().UnixNano(), UptimeNS: int64(time.Since(s.start))})
 	case *proto.Exec:
-		s.exec(ctx, log, c, fr, fw, r)
+		s.exec(ctx, log, c, fr, fw, r, version)
 	case *proto.Signal:
 		s.signal(log, fw, r)
 	case *proto.CopyIn:

@@ -222,6 +222,7 @@ func (l *Launcher) Run(ctx context.Context) int {
 	if err != nil {
 		return l.failf("starting %s in the guest: %v", cmd.Argv[0], err)
 	}
+	l.Log.Info("guest command started", "pid", p.PID())
 	var grace <-chan time.Time
 	for {
 		select {

@@ -123,13 +123,15 @@ func spanCases(t *testing.T) map[string]bool {
 func spanScript(parsum []byte, n, args string) string {
 	var b strings.Builder
 	b.WriteString("#!/bin/sh\nset -e\necho nproc=$(nproc) cpuinfo=$(grep -c ^processor /proc/cpuinfo)\n")
+	// stamp lines (guest clock) split the script's time (scriptStamps).
+	b.WriteString("echo stamp=start $(date +%s.%N)\n")
 	b.WriteString("d=$(mktemp -d)\nbase64 -d >$d/parsum <<'PARSUM'\n")
 	enc := base64.StdEncoding.EncodeToString(parsum)
 	for len(enc) > 76 {
 		b.WriteString(enc[:76] + "\n")
 		enc = enc[76:]
 	}
-	b.WriteString(enc + "\nPARSUM\nchmod +x $d/parsum\n")
+	b.WriteString(enc + "\nPARSUM\nchmod +x $d/parsum\necho stamp=unpacked $(date +%s.%N)\n")
 	if args != "" {
 		args += " "
 	}
@@ -292,6 +294,10 @@ func trafficByPhase(t *testing.T, stderr, stdout []byte, vmmLog string) {
 		return ts
 	}
 	start, agent, online, end := at("starting VM"), at("guest agent ready"), at("vCPUs online"), at("guest command ended")
+	started := at("guest command started")
+	if started.IsZero() {
+		started = online // a launcher from before that line
+	}
 	secs := func(re string) time.Duration {
 		m := regexp.MustCompile(re).FindSubmatch(stdout)
 		if m == nil {
@@ -312,7 +318,8 @@ func trafficByPhase(t *testing.T, stderr, stdout []byte, vmmLog string) {
 	}{
 		{"boot (home slice alone)", start, agent},
 		{"other vCPUs brought online", agent, online},
-		{"script before parsum", online, end.Add(-bound - unbound)},
+		{"job staged (script copied in)", online, started},
+		{"script before parsum", started, end.Add(-bound - unbound)},
 		{"parsum, placed by Linux", end.Add(-bound - unbound), end.Add(-bound)},
 		{"parsum, bound one thread per vCPU", end.Add(-bound), end},
 	}
@@ -332,6 +339,25 @@ func trafficByPhase(t *testing.T, stderr, stdout []byte, vmmLog string) {
 		fmt.Fprintf(&tb, "%-36s %10.1f %14.1f %14.1f\n", ph.name, d, req/d, by/d/1024)
 	}
 	t.Logf("page traffic by phase, all slices (5 s samples, interpolated):\n%s", tb.String())
+	scriptStamps(t, stdout)
+}
+
+// scriptStamps logs how long the script's steps took by the guest's clock,
+// from its "stamp=NAME SECONDS" lines: nproc and mktemp before the first,
+// then unpacking parsum (a shell heredoc through base64).
+func scriptStamps(t *testing.T, stdout []byte) {
+	var names []string
+	var at []float64
+	for _, m := range regexp.MustCompile(`(?m)^stamp=(\S+) (\d+\.\d+)$`).FindAllSubmatch(stdout, -1) {
+		f, err := strconv.ParseFloat(string(m[2]), 64)
+		if err != nil {
+			continue
+		}
+		names, at = append(names, string(m[1])), append(at, f)
+	}
+	for i := 1; i < len(at); i++ {
+		t.Logf("script, guest clock: %s to %s: %.1f s", names[i-1], names[i], at[i]-at[i-1])
+	}
 }
 
 // launchPhases reads the launcher's debug log (HPCVM_LAUNCH_DEBUG=1, the

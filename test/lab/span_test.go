@@ -159,6 +159,25 @@ func spanRun(t *testing.T, ctx context.Context, c *VirtCluster, work, name, scri
 		t.Fatal(err)
 	}
 	out, errf := filepath.Join(work, name+".out"), filepath.Join(work, name+".err")
+	id, _, err := Submit(ctx, c, fmt.Sprintf("%s sbatch %s -o %s -e %s %s", spanEnv(work, name), opts, out, errf, path))
+	if err != nil {
+		t.Fatal(err)
+	}
+	j, err := WaitJob(ctx, c, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keepSliceFiles(t, work, name)
+	o, _ := os.ReadFile(out)
+	e, _ := os.ReadFile(errf)
+	return id, j, o, e
+}
+
+// spanEnv is the environment words for a spread job named name: the
+// launcher's debug log (HPCVM_LAUNCH_DEBUG=1), HPCVM_E2E_JOB_ENV, the
+// slices' counters every 5 s into work/NAME-vmm.log, and with
+// HPCVM_E2E_SLICE_CPUPROFILE_DIR each slice's Go CPU profile.
+func spanEnv(work, name string) string {
 	env := "HPCVM_LAUNCH_DEBUG=1"
 	// HPCVM_E2E_JOB_ENV: extra VAR=VALUE words for the job's environment
 	// (which the launcher and the slices inherit), e.g. GOMAXPROCS=2.
@@ -168,32 +187,30 @@ func spanRun(t *testing.T, ctx context.Context, c *VirtCluster, work, name, scri
 	// Every slice samples its counters every 5 s into the job's VMM log,
 	// kept in the work directory (trafficByPhase).
 	env += " HPCVM_SLICE_STATS_EVERY=5s HPCVM_VMM_LOG=" + filepath.Join(work, name+"-vmm.log")
-	profDir := os.Getenv("HPCVM_E2E_SLICE_CPUPROFILE_DIR")
-	if profDir != "" {
+	if os.Getenv("HPCVM_E2E_SLICE_CPUPROFILE_DIR") != "" {
 		// Each slice's Go CPU profile (cmd/hpcvm/profile.go), passed in
 		// the job's environment, written into the lab's work directory
 		// (which the nodes share) and copied out after the job.
 		env += " HPCVM_SLICE_CPUPROFILE=" + filepath.Join(work, name+"-slice-%d.pprof")
 	}
-	id, _, err := Submit(ctx, c, fmt.Sprintf("%s sbatch %s -o %s -e %s %s", env, opts, out, errf, path))
-	if err != nil {
-		t.Fatal(err)
-	}
-	j, err := WaitJob(ctx, c, id)
-	if err != nil {
-		t.Fatal(err)
-	}
+	return env
+}
+
+// keepSliceFiles copies a job's slice profiles, VMM log and guest console
+// out of the lab (which is removed) into HPCVM_E2E_SLICE_CPUPROFILE_DIR.
+func keepSliceFiles(t *testing.T, work, name string) {
+	profDir := os.Getenv("HPCVM_E2E_SLICE_CPUPROFILE_DIR")
 	if profDir != "" {
+		// The slices' profiles, and their log (RIP profiles, counters)
+		// and the guest console, which go with the lab directory.
 		profs, _ := filepath.Glob(filepath.Join(work, name+"-slice-*.pprof"))
+		profs = append(profs, filepath.Join(work, name+"-vmm.log"), filepath.Join(work, name+"-console.log"))
 		for _, p := range profs {
 			if b, err := os.ReadFile(p); err == nil && os.WriteFile(filepath.Join(profDir, filepath.Base(p)), b, 0o644) == nil {
-				t.Logf("slice CPU profile: %s", filepath.Join(profDir, filepath.Base(p)))
+				t.Logf("kept: %s", filepath.Join(profDir, filepath.Base(p)))
 			}
 		}
 	}
-	o, _ := os.ReadFile(out)
-	e, _ := os.ReadFile(errf)
-	return id, j, o, e
 }
 
 // spanJob runs the parsum job across all nodes, checks its output and
@@ -414,7 +431,8 @@ func spanStarted(t *testing.T, ctx context.Context, c *VirtCluster, work, image,
 	script := filepath.Join(work, name+".sh")
 	os.WriteFile(script, []byte("#!/bin/sh\ntrap 'echo got-TERM; exit 143' TERM\necho started\nsleep 600 & wait\n"), 0o755)
 	out, errf = filepath.Join(work, name+".out"), filepath.Join(work, name+".err")
-	id, _, err := Submit(ctx, c, fmt.Sprintf("HPCVM_LAUNCH_DEBUG=1 sbatch -N %d --vm-image=%s -o %s -e %s %s", nodes, image, out, errf, script))
+	id, _, err := Submit(ctx, c, fmt.Sprintf("%s sbatch -N %d --vm-image=%s --vm-console=%s -o %s -e %s %s",
+		spanEnv(work, name), nodes, image, filepath.Join(work, name+"-console.log"), out, errf, script))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -437,6 +455,7 @@ func spanStarted(t *testing.T, ctx context.Context, c *VirtCluster, work, image,
 // spanCancel: scancel while the script runs in the spread guest.
 func spanCancel(t *testing.T, ctx context.Context, c *VirtCluster, work, image string) {
 	id, out, errf := spanStarted(t, ctx, c, work, image, "span-cancel", len(c.Nodes))
+	cancelled := time.Now()
 	if r, err := c.Client(ctx, "scancel "+id); err != nil || r.ExitCode != 0 {
 		t.Fatalf("scancel %s: %v %s", id, err, r)
 	}
@@ -444,8 +463,10 @@ func spanCancel(t *testing.T, ctx context.Context, c *VirtCluster, work, image s
 	if err != nil {
 		t.Fatal(err)
 	}
+	e, _ := os.ReadFile(errf)
+	t.Logf("scancel: job %s %s %v later; launcher log:\n%s", id, j.State, time.Since(cancelled).Round(time.Second), e)
+	keepSliceFiles(t, work, "span-cancel")
 	if o, _ := os.ReadFile(out); j.State != "CANCELLED" || !strings.Contains(string(o), "got-TERM") {
-		e, _ := os.ReadFile(errf)
 		t.Errorf("job %s: %s, stdout %q; want CANCELLED and the guest command's got-TERM\nstderr:\n%s", id, j.State, o, e)
 	}
 	noHpcvmLeft(t, ctx, c)

@@ -113,8 +113,11 @@ type replicas struct {
 	// quiet counts the publishes in a row that found a replica unchanged;
 	// cold replicas (coldAfter of them) are write-protected and left out
 	// of the diff until a write fault or an update warms them (warmLocked).
+	// heat counts a replica's warmings (up to maxHeat): it must stay
+	// quiet coldAfter<<heat publishes before it cools again.
 	quiet map[int]int
 	cold  map[int]bool
+	heat  map[int]uint8
 
 	// Causal delivery (more than two slices). sent counts the update
 	// frames this slice has published (each goes to every other slice);
@@ -313,6 +316,7 @@ func (nd *Node) forgetTwinLocked(idx int) {
 	delete(nd.rep.twins, idx)
 	delete(nd.rep.quiet, idx)
 	delete(nd.rep.cold, idx)
+	delete(nd.rep.heat, idx)
 	nd.rep.n.Store(int32(len(nd.rep.twins)))
 }
 
@@ -321,6 +325,13 @@ func (nd *Node) forgetTwinLocked(idx int) {
 // change rarely once their accessed bits are set: comparing all of them
 // before every message took 9-13% of a debian12 slice's CPU in a node).
 const coldAfter = 4
+
+// maxHeat caps a replica's back-off: one written again and again after it
+// cooled needs up to coldAfter<<maxHeat (1024) quiet publishes to cool
+// again. Without the back-off a debian12 slice spent 9.5% of its CPU
+// write-protecting and unprotecting tables that changed every few
+// publishes (session 12), on top of the compares cooling was to save.
+const maxHeat = 8
 
 // coolLocked write-protects replica idx, unchanged for coldAfter
 // publishes: from now on a write to it faults (onFault warms it) and
@@ -345,6 +356,10 @@ func (nd *Node) warmLocked(idx int) error {
 		return nil
 	}
 	delete(nd.rep.cold, idx)
+	if nd.rep.heat == nil {
+		nd.rep.heat = map[int]uint8{}
+	}
+	nd.rep.heat[idx] = min(nd.rep.heat[idx]+1, maxHeat)
 	return nd.u.WriteProtect(uffd.Addr(nd.hostPage(idx)), PageSize, false, false)
 }
 
@@ -402,7 +417,7 @@ func (nd *Node) diffLocked() ([]Msg, error) {
 		// the next publish takes it.
 		if bytes.Equal(host, twin) {
 			q := nd.rep.quiet[idx] + 1
-			if q < nd.coldAfter || nd.coldAfter < 0 {
+			if q < nd.coldAfter<<nd.rep.heat[idx] || nd.coldAfter < 0 {
 				if nd.rep.quiet == nil {
 					nd.rep.quiet = map[int]int{}
 				}

@@ -596,13 +596,69 @@ func TestColdReplicasSkippedAndWarmed(t *testing.T) {
 	if cold(1) {
 		t.Error("node 1: a replica an update was applied to is still cold")
 	}
-	// Quiet again: both cool down again.
+	// Quiet again: warmed once, each needs twice as many quiet publishes
+	// to cool again.
+	for range coldAfter {
+		p.ping(0)
+		p.ping(1)
+	}
+	if cold(0) || cold(1) {
+		t.Errorf("cold again after %d quiet publishes, want the back-off to double that: node 0 %v, node 1 %v", coldAfter, cold(0), cold(1))
+	}
 	for range coldAfter {
 		p.ping(0)
 		p.ping(1)
 	}
 	if !cold(0) || !cold(1) {
-		t.Errorf("cold again after quiet publishes: node 0 %v, node 1 %v", cold(0), cold(1))
+		t.Errorf("not cold again after %d quiet publishes: node 0 %v, node 1 %v", 2*coldAfter, cold(0), cold(1))
+	}
+	select {
+	case err := <-failed:
+		t.Fatalf("a node failed: %v", err)
+	default:
+	}
+}
+
+// A replica written again each time it cooled backs off: it needs twice as
+// many quiet publishes per warming before it cools again.
+func TestColdReplicaBacksOff(t *testing.T) {
+	const pfn = 0x44
+	failed := make(chan error, 2)
+	p := replicaPair(t, TableSet{pfn: 1}, failed)
+	pp := newPipe(t)
+	nd := p.nodes[0]
+	idx, _ := nd.pageIndex(pfn)
+	cold := func() bool {
+		nd.rep.mu.Lock()
+		defer nd.rep.mu.Unlock()
+		return nd.rep.cold[idx]
+	}
+	for range coldAfter {
+		p.ping(0)
+	}
+	if !cold() {
+		t.Fatalf("not cold after %d quiet publishes", coldAfter)
+	}
+	for heat := 1; heat <= 4; heat++ {
+		pp.kernelWrite(t, nd.hostPage(idx)[5*8:], byte(heat)|1)
+		if cold() {
+			t.Fatalf("warming %d: still cold after a write", heat)
+		}
+		p.ping(0) // publishes the write
+		want := coldAfter << heat
+		pings := 0
+		for !cold() && pings <= want {
+			p.ping(0)
+			pings++
+		}
+		// The node's own heartbeats may publish too: at most want of
+		// ours, and more than the threshold before this warming.
+		if pings > want || pings <= want/2 {
+			t.Fatalf("warming %d: cooled after %d quiet publishes, want %d", heat, pings, want)
+		}
+	}
+	if got := nd.Stats.Cooled.Load(); got != 5 {
+		t.Errorf("cooled %d times, want 5", got)
 	}
 	select {
 	case err := <-failed:

@@ -178,6 +178,15 @@ var spreadSettings = []struct{ param, value string }{
 	// io_serial_out doing that (docs/dsm.md, Status, session 10). 300 s
 	// is the kernel's maximum: real stalls are still reported.
 	{"rcupdate.rcu_cpu_stall_timeout", "300"},
+	// The slices give every vCPU one TSC (docs/dsm.md, "Guest time") and
+	// there is no kvmclock. Without this the clocksource watchdog checks
+	// the TSC against the ACPI PM timer, a port that a vCPU on another
+	// slice reads in milliseconds (forwarded to slice 0): the skew looks
+	// huge, the TSC is marked unstable, the clocksource switch runs under
+	// stop_machine (a debian12 guest's migration/0 "soft lockup" for 23 s),
+	// every clock read becomes that forwarded port read, and the unstable
+	// sched_clock keeps every vCPU's tick running in spite of nohz_full.
+	{"tsc", "reliable"},
 }
 
 // withSpreadSettings appends the spreadSettings the command line does not

@@ -56,17 +56,17 @@ func TestWithSpreadSettings(t *testing.T) {
 		placement [][]int
 		want      string
 	}{
-		{"console=ttyS0", [][]int{{0, 1}}, "console=ttyS0 pty.legacy_count=0 rcupdate.rcu_cpu_stall_timeout=300"},
-		{"console=ttyS0", [][]int{{0, 1}, {}}, "console=ttyS0 pty.legacy_count=0 rcupdate.rcu_cpu_stall_timeout=300"},
+		{"console=ttyS0", [][]int{{0, 1}}, "console=ttyS0 pty.legacy_count=0 rcupdate.rcu_cpu_stall_timeout=300 tsc=reliable"},
+		{"console=ttyS0", [][]int{{0, 1}, {}}, "console=ttyS0 pty.legacy_count=0 rcupdate.rcu_cpu_stall_timeout=300 tsc=reliable"},
 		// vCPUs on other slices: boot on the home slice's only; the others
 		// run tickless when they can.
-		{"console=ttyS0", [][]int{{0}, {1}, {2, 3}}, "console=ttyS0 pty.legacy_count=0 rcupdate.rcu_cpu_stall_timeout=300 maxcpus=1 nohz_full=1-3"},
-		{"console=ttyS0", [][]int{{0, 1}, {5, 2}, {3, 7}}, "console=ttyS0 pty.legacy_count=0 rcupdate.rcu_cpu_stall_timeout=300 maxcpus=2 nohz_full=2-3,5,7"},
+		{"console=ttyS0", [][]int{{0}, {1}, {2, 3}}, "console=ttyS0 pty.legacy_count=0 rcupdate.rcu_cpu_stall_timeout=300 tsc=reliable maxcpus=1 nohz_full=1-3"},
+		{"console=ttyS0", [][]int{{0, 1}, {5, 2}, {3, 7}}, "console=ttyS0 pty.legacy_count=0 rcupdate.rcu_cpu_stall_timeout=300 tsc=reliable maxcpus=2 nohz_full=2-3,5,7"},
 		// The home slice's vCPUs are not 0..k-1: maxcpus cannot say so.
-		{"console=ttyS0", [][]int{{0, 2}, {1}}, "console=ttyS0 pty.legacy_count=0 rcupdate.rcu_cpu_stall_timeout=300 nohz_full=1"},
+		{"console=ttyS0", [][]int{{0, 2}, {1}}, "console=ttyS0 pty.legacy_count=0 rcupdate.rcu_cpu_stall_timeout=300 tsc=reliable nohz_full=1"},
 		// The user's values win.
-		{"pty.legacy_count=4 rcupdate.rcu_cpu_stall_timeout=60 quiet", [][]int{{0, 1}}, "pty.legacy_count=4 rcupdate.rcu_cpu_stall_timeout=60 quiet"},
-		{"maxcpus=3 nohz_full=2 quiet", [][]int{{0}, {1, 2}}, "maxcpus=3 nohz_full=2 quiet pty.legacy_count=0 rcupdate.rcu_cpu_stall_timeout=300"},
+		{"pty.legacy_count=4 rcupdate.rcu_cpu_stall_timeout=60 tsc=unstable quiet", [][]int{{0, 1}}, "pty.legacy_count=4 rcupdate.rcu_cpu_stall_timeout=60 tsc=unstable quiet"},
+		{"maxcpus=3 nohz_full=2 quiet", [][]int{{0}, {1, 2}}, "maxcpus=3 nohz_full=2 quiet pty.legacy_count=0 rcupdate.rcu_cpu_stall_timeout=300 tsc=reliable"},
 	} {
 		if got := withSpreadSettings(c.cmdline, c.placement); got != c.want {
 			t.Errorf("withSpreadSettings(%q, %v) = %q, want %q", c.cmdline, c.placement, got, c.want)

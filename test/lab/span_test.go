@@ -126,7 +126,7 @@ func spanScript(parsum []byte, n, args string) string {
 	// What the guest's clock runs on, and what the kernel said of it (the
 	// job runs as root in the lab; as another user dmesg may be refused).
 	b.WriteString("echo clocksource=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)\n")
-	b.WriteString("dmesg 2>/dev/null | grep -i -E 'clocksource|tsc|sched_clock|soft lockup' | sed 's/^/dmesg: /' || true\n")
+	b.WriteString("dmesg 2>/dev/null | grep -i -E 'clocksource|tsc|sched_clock|soft lockup|dynticks|nohz|housekeeping' | sed 's/^/dmesg: /' || true\n")
 	// stamp lines (guest clock) split the script's time (scriptStamps).
 	b.WriteString("echo stamp=start $(date +%s.%N)\n")
 	b.WriteString("d=$(mktemp -d)\nbase64 -d >$d/parsum <<'PARSUM'\n")

@@ -102,22 +102,26 @@ func withWalkerBits(sw, base, set uint64) uint64 {
 }
 
 // replicas is a slice's set of replicated pages and their twins.
+// replicaState is one replicated page's state on this slice.
+type replicaState struct {
+	twin []byte // the content as last published
+	// quiet counts the publishes in a row that found the page unchanged;
+	// a cold replica (coldAfter<<heat of them) is write-protected and
+	// left out of the diff until a write fault or an update warms it
+	// (warmLocked). heat counts its warmings, up to maxHeat.
+	quiet int
+	cold  bool
+	heat  uint8
+}
+
 type replicas struct {
 	// sendMu is held by a publish from its diff to its last frame sent:
 	// a later publisher, and so the message it precedes, goes after.
 	sendMu sync.Mutex
 	// mu guards the twins (diffing, applying updates, joining, leaving).
 	mu    sync.Mutex
-	twins map[int][]byte // page index -> content as last published
-	n     atomic.Int32   // len(twins), read without mu
-	// quiet counts the publishes in a row that found a replica unchanged;
-	// cold replicas (coldAfter of them) are write-protected and left out
-	// of the diff until a write fault or an update warms them (warmLocked).
-	// heat counts a replica's warmings (up to maxHeat): it must stay
-	// quiet coldAfter<<heat publishes before it cools again.
-	quiet map[int]int
-	cold  map[int]bool
-	heat  map[int]uint8
+	twins map[int]*replicaState // page index -> its twin and cooling state
+	n     atomic.Int32          // len(twins), read without mu
 
 	// Causal delivery (more than two slices). sent counts the update
 	// frames this slice has published (each goes to every other slice);
@@ -266,9 +270,9 @@ func snapshot(host []byte) []byte {
 func (nd *Node) joinLocked(idx int, twin []byte, seen []uint64) {
 	nd.rep.mu.Lock()
 	if nd.rep.twins == nil {
-		nd.rep.twins = map[int][]byte{}
+		nd.rep.twins = map[int]*replicaState{}
 	}
-	nd.rep.twins[idx] = twin
+	nd.rep.twins[idx] = &replicaState{twin: twin}
 	nd.rep.n.Store(int32(len(nd.rep.twins)))
 	held := nd.rep.joining[idx]
 	delete(nd.rep.joining, idx)
@@ -314,9 +318,6 @@ func (nd *Node) dropReplicaLocked(idx int) {
 // forgetTwinLocked drops page idx's replica bookkeeping. rep.mu is held.
 func (nd *Node) forgetTwinLocked(idx int) {
 	delete(nd.rep.twins, idx)
-	delete(nd.rep.quiet, idx)
-	delete(nd.rep.cold, idx)
-	delete(nd.rep.heat, idx)
 	nd.rep.n.Store(int32(len(nd.rep.twins)))
 }
 
@@ -336,15 +337,11 @@ const maxHeat = 8
 // coolLocked write-protects replica idx, unchanged for coldAfter
 // publishes: from now on a write to it faults (onFault warms it) and
 // diffLocked skips it. rep.mu is held.
-func (nd *Node) coolLocked(idx int) error {
+func (nd *Node) coolLocked(idx int, r *replicaState) error {
 	if err := nd.u.WriteProtect(uffd.Addr(nd.hostPage(idx)), PageSize, true, false); err != nil {
 		return err
 	}
-	if nd.rep.cold == nil {
-		nd.rep.cold = map[int]bool{}
-	}
-	nd.rep.cold[idx] = true
-	delete(nd.rep.quiet, idx)
+	r.cold, r.quiet = true, 0
 	nd.Stats.Cooled.Add(1)
 	return nil
 }
@@ -352,14 +349,11 @@ func (nd *Node) coolLocked(idx int) error {
 // warmLocked lifts a cold replica's write protection (waking whoever
 // faulted on it) so that it is compared again. rep.mu is held.
 func (nd *Node) warmLocked(idx int) error {
-	if !nd.rep.cold[idx] {
+	r := nd.rep.twins[idx]
+	if r == nil || !r.cold {
 		return nil
 	}
-	delete(nd.rep.cold, idx)
-	if nd.rep.heat == nil {
-		nd.rep.heat = map[int]uint8{}
-	}
-	nd.rep.heat[idx] = min(nd.rep.heat[idx]+1, maxHeat)
+	r.cold, r.heat = false, min(r.heat+1, maxHeat)
 	return nd.u.WriteProtect(uffd.Addr(nd.hostPage(idx)), PageSize, false, false)
 }
 
@@ -404,10 +398,11 @@ func (nd *Node) publishAndDrop(idx int) {
 // since their twins, and makes the twins current. rep.mu is held.
 func (nd *Node) diffLocked() ([]Msg, error) {
 	var frames []Msg
-	for idx, twin := range nd.rep.twins {
-		if nd.rep.cold[idx] {
+	for idx, r := range nd.rep.twins {
+		if r.cold {
 			continue // write-protected: unchanged since it cooled
 		}
+		twin := r.twin
 		host := nd.hostPage(idx)
 		// Most replicas are unchanged between two messages: one vectorised
 		// compare of the page rules that out (in a virt node the word loop
@@ -416,24 +411,20 @@ func (nd *Node) diffLocked() ([]Msg, error) {
 		// message, so missing it is as correct as missing it word by word;
 		// the next publish takes it.
 		if bytes.Equal(host, twin) {
-			q := nd.rep.quiet[idx] + 1
-			if q < nd.coldAfter<<nd.rep.heat[idx] || nd.coldAfter < 0 {
-				if nd.rep.quiet == nil {
-					nd.rep.quiet = map[int]int{}
-				}
-				nd.rep.quiet[idx] = q
+			r.quiet++
+			if r.quiet < nd.coldAfter<<r.heat || nd.coldAfter < 0 {
 				continue
 			}
 			// Protect it, then compare once more: a write that came
 			// before the protection is published now, later ones fault.
-			if err := nd.coolLocked(idx); err != nil {
+			if err := nd.coolLocked(idx, r); err != nil {
 				return nil, err
 			}
 			if bytes.Equal(host, twin) {
 				continue
 			}
 		} else {
-			delete(nd.rep.quiet, idx)
+			r.quiet = 0
 		}
 		var words []WordUpdate
 		for w := 0; w < wordsPerPage; w++ {
@@ -506,8 +497,8 @@ func (nd *Node) applyUpdate(from int, m *Msg) {
 	nd.rep.recv[from]++
 	nd.rep.total.Add(1)
 	nd.rep.arrived.Broadcast()
-	twin := nd.rep.twins[idx]
-	if twin == nil {
+	r := nd.rep.twins[idx]
+	if r == nil {
 		// Held for a request in flight, or for a table page this slice
 		// may hold a plain copy of: when the home turns every holder's
 		// copy into a replica at once, another holder's first updates
@@ -524,7 +515,7 @@ func (nd *Node) applyUpdate(from int, m *Msg) {
 		}
 		return
 	}
-	nd.mergeLocked(from, idx, twin, m.Words)
+	nd.mergeLocked(from, idx, r.twin, m.Words)
 }
 
 // mergeLocked merges slice from's changes of words into replica idx and
@@ -726,7 +717,7 @@ func (nd *Node) replicaContentLocked(idx int) (Msg, error) {
 		nd.publish()
 	}
 	nd.rep.mu.Lock()
-	data := append([]byte(nil), nd.rep.twins[idx]...)
+	data := append([]byte(nil), nd.rep.twins[idx].twin...)
 	seen := nd.seenLocked()
 	nd.rep.mu.Unlock()
 	nd.Stats.Fetches.Add(1)

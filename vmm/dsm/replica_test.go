@@ -573,7 +573,8 @@ func TestColdReplicasSkippedAndWarmed(t *testing.T) {
 		idx, _ := p.nodes[i].pageIndex(pfn)
 		p.nodes[i].rep.mu.Lock()
 		defer p.nodes[i].rep.mu.Unlock()
-		return p.nodes[i].rep.cold[idx]
+		r := p.nodes[i].rep.twins[idx]
+		return r != nil && r.cold
 	}
 	for i := 0; i < 2; i++ {
 		for range coldAfter {
@@ -631,7 +632,8 @@ func TestColdReplicaBacksOff(t *testing.T) {
 	cold := func() bool {
 		nd.rep.mu.Lock()
 		defer nd.rep.mu.Unlock()
-		return nd.rep.cold[idx]
+		r := nd.rep.twins[idx]
+		return r != nil && r.cold
 	}
 	for range coldAfter {
 		p.ping(0)

@@ -124,8 +124,16 @@ func TestSliceRejectsBadInput(t *testing.T) {
 		t.Errorf("with %s=10ms: timer slack %v, %v; want 10ms", TimerSlackEnv, o.timerSlack, err)
 	}
 	t.Setenv(TimerSlackEnv, "")
+	if o, err := parseSliceArgs(base()); err != nil || o.timerSlack != 0 {
+		t.Errorf("a micro-guest's default timer slack %v, %v; want 0", o.timerSlack, err)
+	}
 	if o, err := parseSliceArgs(base("--builtin", "", "--kernel", prog, "--mem", "256MiB")); err != nil || o.linux == nil || o.linux.kernel != prog {
 		t.Fatalf("good --kernel options: %+v, %v", o, err)
+	} else if o.timerSlack != linuxTimerSlack {
+		t.Errorf("a Linux guest's default timer slack %v; want %v", o.timerSlack, linuxTimerSlack)
+	}
+	if o, err := parseSliceArgs(base("--builtin", "", "--kernel", prog, "--mem", "256MiB", "--timer-slack", "0")); err != nil || o.timerSlack != 0 {
+		t.Errorf("--timer-slack 0 for a Linux guest: %v, %v; want 0", o.timerSlack, err)
 	}
 	if code, stderr := runHPCVM(t, append([]string{"slice"}, base("--placement", "0")...)...); code != 2 || !strings.Contains(stderr, "--placement") {
 		t.Fatalf("hpcvm slice with a bad placement: exit %d, stderr %q; want 2 naming --placement", code, stderr)

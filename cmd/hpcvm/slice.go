@@ -181,8 +181,6 @@ func newSliceFlags() *sliceFlags {
 	return f
 }
 
-// parseSliceArgs parses and checks the options; every error names the
-// option at fault. --help yields flag.ErrHelp.
 // linuxTimerSlack is a Linux slice's default --timer-slack: with it a
 // debian12 job across 2 nodes took 6 min 25 s instead of 12 min 28 s, its
 // bound parsum 2.3 s instead of 5.2 s (session 12, sequential runs); the
@@ -190,6 +188,8 @@ func newSliceFlags() *sliceFlags {
 // Guest timers fire up to this much late.
 const linuxTimerSlack = 20 * time.Millisecond
 
+// parseSliceArgs parses and checks the options; every error names the
+// option at fault. --help yields flag.ErrHelp.
 func parseSliceArgs(args []string) (*sliceOpts, error) {
 	f := newSliceFlags()
 	fs := f.fs
@@ -295,12 +295,13 @@ func parseSliceArgs(args []string) (*sliceOpts, error) {
 		return nil, fmt.Errorf("--vcpu-nice %d: must be between 0 and 19", *f.vcpuNice)
 	}
 	o.vcpuNice = *f.vcpuNice
-	if *f.timerSlack == "" {
-		o.timerSlack = -1 // set below: linuxTimerSlack for a Linux guest, else 0
-	} else if o.timerSlack, err = time.ParseDuration(*f.timerSlack); err != nil {
-		return nil, fmt.Errorf("--timer-slack: %w", err)
-	} else if o.timerSlack < 0 || o.timerSlack > 100*time.Millisecond {
-		return nil, fmt.Errorf("--timer-slack %s: must be between 0 and 100ms", *f.timerSlack)
+	if *f.timerSlack != "" { // unset: the guest's default, below
+		if o.timerSlack, err = time.ParseDuration(*f.timerSlack); err != nil {
+			return nil, fmt.Errorf("--timer-slack: %w", err)
+		}
+		if o.timerSlack < 0 || o.timerSlack > 100*time.Millisecond {
+			return nil, fmt.Errorf("--timer-slack %s: must be between 0 and 100ms", *f.timerSlack)
+		}
 	}
 	if o.hold < 0 || o.hold > time.Second {
 		return nil, fmt.Errorf("--hold %s: must be between 0 and 1s", *f.hold)
@@ -342,11 +343,8 @@ func parseSliceArgs(args []string) (*sliceOpts, error) {
 	default:
 		return nil, errors.New("a guest is required: --builtin NAME, --program FILE or --kernel FILE")
 	}
-	if o.timerSlack < 0 {
-		o.timerSlack = 0
-		if o.linux != nil {
-			o.timerSlack = linuxTimerSlack
-		}
+	if *f.timerSlack == "" && o.linux != nil {
+		o.timerSlack = linuxTimerSlack
 	}
 	for _, a := range o.results {
 		if a+8 > o.memBytes {

@@ -101,7 +101,6 @@ func withWalkerBits(sw, base, set uint64) uint64 {
 	return sw
 }
 
-// replicas is a slice's set of replicated pages and their twins.
 // replicaState is one replicated page's state on this slice.
 type replicaState struct {
 	twin []byte // the content as last published
@@ -114,6 +113,7 @@ type replicaState struct {
 	heat  uint8
 }
 
+// replicas is a slice's set of replicated pages and their twins.
 type replicas struct {
 	// sendMu is held by a publish from its diff to its last frame sent:
 	// a later publisher, and so the message it precedes, goes after.

@@ -285,16 +285,7 @@ func (s *Server) exec(ctx context.Context, log *slog.Logger, c net.Conn, fr *pro
 
 // signal delivers a signal to the process group of a running command.
 func (s *Server) signal(log *slog.Logger, fw *frameWriter, r *proto.Signal) {
-	s.mu.Lock()
-	_, ok := s.procs[r.PID]
-	var err error
-	if ok {
-		// The waiter removes the pid right after reaping it; a pid is only
-		// reused after the whole pid space wrapped, so signalling a
-		// stranger's group in that window is not a practical risk.
-		err = syscall.Kill(-r.PID, syscall.Signal(r.Signal))
-	}
-	s.mu.Unlock()
+	ok, err := s.killRunning(r.PID, syscall.Signal(r.Signal))
 	if !ok {
 		fw.fail(proto.CodeNotFound, "no running command with pid %d", r.PID)
 		return
@@ -310,13 +301,7 @@ func (s *Server) signal(log *slog.Logger, fw *frameWriter, r *proto.Signal) {
 // signalGroup delivers sig to a running command's process group; a command
 // that already ended is not an error (the signal and the exit crossed).
 func (s *Server) signalGroup(log *slog.Logger, pid int, sig syscall.Signal) {
-	s.mu.Lock()
-	_, ok := s.procs[pid]
-	var err error
-	if ok {
-		err = syscall.Kill(-pid, sig)
-	}
-	s.mu.Unlock()
+	ok, err := s.killRunning(pid, sig)
 	switch {
 	case !ok:
 		log.Info("in-band signal after exit: dropped", "signal", int(sig))
@@ -327,11 +312,19 @@ func (s *Server) signalGroup(log *slog.Logger, pid int, sig syscall.Signal) {
 	}
 }
 
-// killGroup SIGKILLs a command's process group if it is still running.
-func (s *Server) killGroup(pid int) {
+// killRunning sends sig to the process group of pid if it is a command
+// this agent started and still runs (ok false otherwise). The waiter
+// removes the pid right after reaping it; a pid is only reused after the
+// whole pid space wrapped, so signalling a stranger's group in that window
+// is not a practical risk.
+func (s *Server) killRunning(pid int, sig syscall.Signal) (ok bool, err error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if _, ok := s.procs[pid]; ok {
-		syscall.Kill(-pid, syscall.SIGKILL)
+	if _, ok = s.procs[pid]; ok {
+		err = syscall.Kill(-pid, sig)
 	}
+	return ok, err
 }
+
+// killGroup SIGKILLs a command's process group if it is still running.
+func (s *Server) killGroup(pid int) { s.killRunning(pid, syscall.SIGKILL) }
